@@ -1,0 +1,203 @@
+"""Character-level GPT on Tiny Shakespeare ("Let's build GPT", A. Karpathy, 2023).
+
+    python -m experiments.gpt_shakespeare [train] [--preset cpu|lecture] [--max-iters N] ...
+    python -m experiments.gpt_shakespeare sample --run-dir DIR [--prompt TEXT] ...
+
+config -> data -> state -> train/eval steps -> loop, the last four in ``genjax.train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from genjax.data.text import CharTokenizer, load_text_data
+from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
+from genjax.train.checkpoint import load_latest
+from genjax.train.cli import override, parse_command
+from genjax.train.config import ParallelEngine, TrainConfig
+from genjax.train.loop import fit, is_main_process
+
+# --- config: the presets -----------------------------------------------------------------
+
+PRESETS: dict[str, tuple[GPTConfig, TrainConfig]] = {
+    # The lecture's gpt.py exactly: torch.optim.AdamW(lr=3e-4) with PyTorch's defaults.
+    "lecture": (
+        GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        TrainConfig(max_iters=5000, eval_interval=500, eval_iters=200, batch_size=64,
+                    learning_rate=3e-4, lr_schedule="constant", weight_decay=0.01,
+                    weight_decay_on="all", beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=None,
+                    seed=1337),
+    ),
+    # nanoGPT's config/train_shakespeare_char.py with its CPU overrides.
+    "cpu": (
+        GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        TrainConfig(max_iters=2000, eval_interval=250, eval_iters=20, batch_size=12,
+                    learning_rate=1e-3, lr_schedule="cosine", warmup_iters=100,
+                    lr_decay_iters=2000, min_lr=1e-4, weight_decay=0.1,
+                    weight_decay_on="matrices", beta1=0.9, beta2=0.99, eps=1e-8,
+                    grad_clip=1.0, seed=1337),
+    ),
+}
+
+
+def default_preset() -> str:
+    """``cpu`` when JAX sees no accelerator, otherwise ``lecture``."""
+    return "cpu" if jax.default_backend() == "cpu" else "lecture"
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """Train a GPT, checkpointing to --run-dir, then print a sample."""
+
+    preset: Optional[Literal["cpu", "lecture"]] = None
+    """Hyperparameters to start from (default: cpu without an accelerator, else lecture)."""
+    max_iters: Optional[int] = None
+    """Total training steps (a resumed run continues up to it)."""
+    eval_interval: Optional[int] = None
+    """Evaluate and checkpoint every this many steps."""
+    eval_iters: Optional[int] = None
+    """Batches per split averaged by an evaluation."""
+    batch_size: Optional[int] = None
+    """Global batch size (all devices together)."""
+    block_size: Optional[int] = None
+    """Context length in characters."""
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    dropout: Optional[float] = None
+    learning_rate: Optional[float] = None
+    """Peak learning rate."""
+    min_lr: Optional[float] = None
+    """Final learning rate of the cosine schedule."""
+    warmup_iters: Optional[int] = None
+    """Warm-up steps of the cosine schedule."""
+    seed: Optional[int] = None
+    parallel: Optional[ParallelEngine] = None
+    """Data-parallel engine: pmap, sharding or none (one device)."""
+    devices: Optional[int] = None
+    """Devices to use (default: all local devices)."""
+    data_dir: Optional[str] = None
+    """Folder with input.txt or tinyshakespeare/input.txt, TFDS's manual_dir (offline);
+    default: $GENJAX_DATA_DIR."""
+    text_file: Optional[str] = None
+    """Train on this UTF-8 text file instead (first 90% train, last 10% validation)."""
+    run_dir: Optional[str] = None
+    """Run directory (default: runs/gpt_shakespeare/<date-time>)."""
+    resume: bool = False
+    """Continue the latest checkpoint of --run-dir."""
+    max_new_tokens: int = 500
+    """Length of the sample printed at the end."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Sample text from the latest checkpoint of a run."""
+
+    run_dir: str
+    """The training run's directory."""
+    prompt: str = ""
+    """Text to continue (default: start from a newline, as the lecture)."""
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy."""
+    top_k: Optional[int] = None
+    """Sample among the k most likely characters only."""
+    seed: int = 1337
+
+
+def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
+    """The preset named by ``args`` (or the default one) with the flags' overrides.
+
+    The cosine schedule decays over the whole run (``lr_decay_iters = max_iters``), as
+    nanoGPT's CPU recipe. Raises ``ValueError`` on invalid values, before any compilation.
+    """
+    preset = args.preset or default_preset()
+    model, train = PRESETS[preset]
+    model = override(model, args)
+    train = override(train, args)
+    if train.lr_schedule == "cosine":
+        if train.warmup_iters >= train.max_iters:
+            raise ValueError(f"warmup_iters={train.warmup_iters} must be below max_iters="
+                             f"{train.max_iters}: pass a smaller --warmup-iters")
+        train = dataclasses.replace(train, lr_decay_iters=train.max_iters)
+    return preset, model, train
+
+
+# --- train ---------------------------------------------------------------------------------
+
+
+def train(args: Train):
+    """Run the training command; returns the :class:`genjax.train.loop.FitResult`."""
+    preset, model_cfg, train_cfg = resolve(args)
+    run_dir = pathlib.Path(args.run_dir or f"runs/gpt_shakespeare/{time.strftime('%Y%m%d-%H%M%S')}")
+
+    # data
+    data = load_text_data(model_cfg.block_size, data_dir=args.data_dir, text_file=args.text_file)
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
+    print(f"preset {preset}; {len(data.train):,} training / {len(data.val):,} validation "
+          f"characters, vocabulary {data.tokenizer.vocab_size}; run dir {run_dir}")
+
+    # state, steps, loop
+    task = make_task(model_cfg, data, train_cfg.batch_size, train_cfg.eval_iters)
+    n_params = count_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+    print(f"GPT with {n_params / 1e6:.6f} M parameters")
+    record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
+              "train": dataclasses.asdict(train_cfg),
+              "data": {"data_dir": args.data_dir, "text_file": args.text_file},
+              "n_params": n_params, "vocab": data.tokenizer.chars}
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
+
+    # sample
+    params = result.engine.to_single_device(result.state.params)
+    step = int(result.state.step)
+    key = jax.random.fold_in(result.keys["init"], step)
+    text = sample_text(model_cfg, data.tokenizer, params, "", args.max_new_tokens, key)
+    if is_main_process():
+        with open(run_dir / "samples.txt", "a") as f:
+            f.write(f"=== step {step}, temperature 1.0 ===\n{text}\n\n")
+        print(text)
+    return result
+
+
+def sample_text(config: GPTConfig, tokenizer: CharTokenizer, params, prompt: str,
+                max_new_tokens: int, key, temperature: float = 1.0,
+                top_k: Optional[int] = None) -> str:
+    """``prompt`` and its continuation as text; an empty prompt starts from a newline."""
+    ids = jnp.asarray(tokenizer.encode(prompt))
+    start_id = tokenizer.id_of("\n", default=0)
+    out = GPT(config).generate(params, ids, max_new_tokens, key, temperature=temperature,
+                               top_k=top_k, start_id=start_id)
+    return tokenizer.decode(out)
+
+
+# --- sample --------------------------------------------------------------------------------
+
+
+def sample(args: Sample) -> str:
+    """Run the sample command: continue ``args.prompt`` from the run's latest checkpoint."""
+    step, state, meta = load_latest(args.run_dir)
+    config = GPTConfig(**meta["model"])
+    tokenizer = CharTokenizer(meta["vocab"])
+    text = sample_text(config, tokenizer, state["train"]["params"], args.prompt,
+                       args.max_new_tokens, jax.random.PRNGKey(args.seed),
+                       args.temperature, args.top_k)
+    print(f"--- {args.run_dir}, step {step} ---")
+    print(text)
+    return text
+
+
+def main(argv=None):
+    args = parse_command({"train": Train, "sample": Sample}, default="train", argv=argv,
+                         prog="python -m experiments.gpt_shakespeare")
+    return train(args) if isinstance(args, Train) else sample(args)
+
+
+if __name__ == "__main__":
+    main()

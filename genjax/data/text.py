@@ -1,0 +1,230 @@
+"""Character-level text data: Tiny Shakespeare through TFDS or any UTF-8 file.
+
+The character tokenizer and the random batches of "Let's build GPT" (A. Karpathy, 2023):
+the vocabulary is the sorted set of the corpus's characters, the first 90% of the text
+trains and the last 10% validates, and a batch is ``batch_size`` random windows of
+``block_size + 1`` characters (inputs and the next-character targets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from genjax.data.tfds import import_tfds, network_reachable
+
+TRAIN_FRACTION = 0.9
+DATA_DIR_ENV = "GENJAX_DATA_DIR"
+_SHAKESPEARE_HOST = "raw.githubusercontent.com"  # where TFDS downloads tiny_shakespeare
+
+
+@dataclasses.dataclass(frozen=True)
+class CharTokenizer:
+    """Maps characters to int ids 0..V-1 in sorted order, and back.
+
+    Attributes:
+      chars: the vocabulary, a string of V distinct characters in sorted order.
+    """
+
+    chars: str
+
+    def __post_init__(self):
+        if len(set(self.chars)) != len(self.chars) or list(self.chars) != sorted(self.chars):
+            raise ValueError("CharTokenizer.chars must be distinct characters in sorted order")
+        object.__setattr__(self, "_stoi", {c: i for i, c in enumerate(self.chars)})
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        """The vocabulary of ``text``: its sorted distinct characters."""
+        if not text:
+            raise ValueError("cannot build a vocabulary from an empty text")
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids, shape (len(text),).
+
+        Raises:
+          ValueError: a character outside the vocabulary, named with its position.
+        """
+        stoi = self._stoi
+        try:
+            return np.fromiter((stoi[c] for c in text), dtype=np.int32, count=len(text))
+        except KeyError as e:
+            pos = next(i for i, c in enumerate(text) if c not in stoi)
+            raise ValueError(f"character {e.args[0]!r} at position {pos} is not in the "
+                             f"{self.vocab_size}-character vocabulary") from None
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of int ids in [0, V).
+
+        Raises:
+          ValueError: an id outside [0, V).
+        """
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"ids must lie in [0, {self.vocab_size}), got range "
+                             f"[{ids.min()}, {ids.max()}]")
+        return "".join(self.chars[i] for i in ids.tolist())
+
+    def id_of(self, char: str, default: int = 0) -> int:
+        return self._stoi.get(char, default)
+
+
+def split_text(text: str, train_fraction: float = TRAIN_FRACTION) -> tuple[str, str]:
+    """The lecture's split: the first ``int(train_fraction * len(text))`` characters train,
+    the rest validate."""
+    n = int(train_fraction * len(text))
+    return text[:n], text[n:]
+
+
+def read_text_file(path) -> str:
+    """A UTF-8 text file's contents.
+
+    Raises:
+      FileNotFoundError: no such file. ValueError: not UTF-8, or empty.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text-file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text-file {path} is not UTF-8 text ({e})") from None
+    if not text:
+        raise ValueError(f"--text-file {path} is empty")
+    return text
+
+
+def find_manual_input(data_dir) -> Optional[pathlib.Path]:
+    """The folder holding Tiny Shakespeare's ``input.txt`` under ``data_dir``
+    (``data_dir/tinyshakespeare/`` or ``data_dir/`` itself), or None."""
+    if data_dir is None:
+        return None
+    base = pathlib.Path(data_dir).expanduser()
+    for folder in (base / "tinyshakespeare", base):
+        if (folder / "input.txt").is_file():
+            return folder
+    return None
+
+
+def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
+    """Tiny Shakespeare's (train, validation) text through ``tensorflow-datasets``.
+
+    Train is TFDS's ``train`` split (the first 1,003,854 characters, 90%), validation its
+    ``validation`` and ``test`` splits joined (the last 10%), the lecture's split.
+
+    Args:
+      data_dir: a folder holding ``input.txt`` (or ``tinyshakespeare/input.txt``), given to
+        TFDS as its ``manual_dir`` so it prepares the data set offline. Default: the
+        environment variable ``GENJAX_DATA_DIR``.
+      tfds_data_dir: where TFDS keeps prepared data sets (TFDS's default if None).
+
+    Raises:
+      FileNotFoundError: ``data_dir`` given but holds no ``input.txt``.
+      RuntimeError: the data set is not prepared, no ``data_dir`` was given and the
+        download host cannot be reached (said at once, naming ``--data-dir`` and
+        ``GENJAX_DATA_DIR``).
+    """
+    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    manual = find_manual_input(data_dir)
+    if data_dir is not None and manual is None:
+        raise FileNotFoundError(
+            f"--data-dir {data_dir}: found neither {data_dir}/tinyshakespeare/input.txt nor "
+            f"{data_dir}/input.txt")
+    tfds = import_tfds()
+    builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir)
+    if not builder.is_prepared():
+        if manual is None and not network_reachable(_SHAKESPEARE_HOST):
+            raise RuntimeError(
+                "tiny_shakespeare is not prepared and there is no network to download it: "
+                "pass --data-dir DIR (or set GENJAX_DATA_DIR) to a folder holding "
+                "input.txt or tinyshakespeare/input.txt, or train on any file with "
+                "--text-file PATH")
+        config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
+        builder.download_and_prepare(download_config=config)
+
+    def split_text_of(split: str) -> str:
+        ds = tfds.as_numpy(builder.as_dataset(split=split))
+        return "".join(ex["text"].decode("utf-8") for ex in ds)
+
+    return split_text_of("train"), split_text_of("validation") + split_text_of("test")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextData:
+    """An encoded corpus split for training.
+
+    Attributes:
+      tokenizer: the corpus's :class:`CharTokenizer`.
+      train: int32 ids of the training text, shape (N_train,), on the default device.
+      val: int32 ids of the validation text, shape (N_val,).
+    """
+
+    tokenizer: CharTokenizer
+    train: jax.Array
+    val: jax.Array
+
+    def split(self, name: str) -> jax.Array:
+        if name not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+        return self.train if name == "train" else self.val
+
+
+def make_text_data(train_text: str, val_text: str, block_size: int) -> TextData:
+    """Encode the two splits with the vocabulary of their union.
+
+    Raises:
+      ValueError: a split shorter than ``block_size + 1`` characters (no full window).
+    """
+    for name, text in (("training", train_text), ("validation", val_text)):
+        if len(text) < block_size + 1:
+            raise ValueError(f"the {name} text has {len(text)} characters, fewer than "
+                             f"block_size + 1 = {block_size + 1}: use a longer text or a "
+                             "smaller --block-size")
+    tok = CharTokenizer.from_text(train_text + val_text)
+    return TextData(tok, jnp.asarray(tok.encode(train_text)), jnp.asarray(tok.encode(val_text)))
+
+
+def load_text_data(block_size: int, data_dir=None, text_file=None, tfds_data_dir=None) -> TextData:
+    """Tiny Shakespeare through TFDS, or ``text_file`` split 90/10; see :func:`make_text_data`."""
+    if text_file is not None:
+        train_text, val_text = split_text(read_text_file(text_file))
+    else:
+        train_text, val_text = load_tiny_shakespeare(data_dir, tfds_data_dir)
+    return make_text_data(train_text, val_text, block_size)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "block_size", "start", "stop"))
+def get_batch(data: jax.Array, key: jax.Array, batch_size: int, block_size: int,
+              start: int = 0, stop: Optional[int] = None):
+    """Examples ``[start, stop)`` of the random batch drawn with ``key``.
+
+    The windows start uniformly in [0, N - block_size), as the lecture's
+    ``torch.randint(len(data) - block_size, (batch_size,))``. The whole batch depends on
+    ``key`` alone, so every process and device count sees the same global batch.
+
+    Args:
+      data: int32 token ids (N,), N > block_size.
+      key: PRNG key.
+      batch_size: the global batch size B.
+      block_size: the window length T.
+      start, stop: the slice of the global batch to return (this process's share).
+
+    Returns:
+      ``(x, y)``: int32 arrays (stop - start, T); ``y[b, t] = x[b, t + 1]`` continued
+      by one character.
+    """
+    starts = jax.random.randint(key, (batch_size,), 0, data.shape[0] - block_size)[start:stop]
+    idx = starts[:, None] + jnp.arange(block_size)[None, :]  # (B, T)
+    return data[idx], data[idx + 1]

@@ -1,0 +1,381 @@
+"""The character-level GPT of "Let's build GPT: from scratch, in code, spelled out".
+
+A. Karpathy, 2023 (https://github.com/karpathy/ng-video-lecture, ``gpt.py``), after
+A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017. The classes below follow the
+lecture top to bottom: a bigram baseline, one causal self-attention ``Head``, several heads
+in parallel, the feed-forward layer, the pre-LayerNorm residual ``Block`` and the ``GPT``.
+
+Shapes in comments: B batch, T time (sequence position), C channels (``n_embd``),
+H heads, D head size (``n_embd // n_head``), V vocabulary.
+
+Where Flax and PyTorch defaults differ, the lecture's are used: LayerNorm epsilon 1e-5,
+Dense/Embed weights drawn from normal(0, 0.02), zero biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# The lecture repository's final init (``_init_weights``): N(0, 0.02) weights, zero biases.
+_weight_init = nn.initializers.normal(stddev=0.02)
+_LN_EPS = 1e-5  # torch.nn.LayerNorm's default; Flax's is 1e-6.
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Hyperparameters of :class:`GPT` (names as in the lecture and nanoGPT).
+
+    Attributes:
+      vocab_size: number of distinct tokens V (65 for Tiny Shakespeare's characters).
+      block_size: maximum context length T, in tokens.
+      n_layer: number of transformer blocks.
+      n_head: attention heads per block; must divide ``n_embd``.
+      n_embd: embedding width C.
+      dropout: dropout probability in [0, 1), used only when ``deterministic=False``.
+
+    Raises:
+      ValueError: on a non-positive size, ``n_embd`` not divisible by ``n_head``, or a
+        dropout outside [0, 1), naming the bad value.
+    """
+
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                f"choose n_head among the divisors of {self.n_embd}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class BigramLanguageModel(nn.Module):
+    """The lecture's baseline: each token reads the logits of the next one from a table.
+
+    ``__call__(idx)`` maps int32 token ids (B, T) to float32 logits (B, T, V).
+    """
+
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, idx, deterministic: bool = True):
+        del deterministic  # no dropout in the bigram model; kept for a common interface
+        table = nn.Embed(self.vocab_size, self.vocab_size, embedding_init=_weight_init,
+                         name="token_embedding_table")
+        return table(idx).astype(jnp.float32)  # (B, T, V)
+
+
+class Head(nn.Module):
+    """One head of causal self-attention.
+
+    Input x (B, T, C) float32; output (B, T, D). Scores are scaled by D^-0.5, positions may
+    attend only to themselves and earlier ones (lower-triangular mask), and dropout is
+    applied to the attention weights.
+    """
+
+    head_size: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        B, T, C = x.shape
+        dense = functools.partial(nn.Dense, self.head_size, use_bias=False, kernel_init=_weight_init)
+        k = dense(name="key")(x)    # (B, T, D)
+        q = dense(name="query")(x)  # (B, T, D)
+        v = dense(name="value")(x)  # (B, T, D)
+        wei = q @ k.swapaxes(-2, -1) * self.head_size ** -0.5  # (B, T, T)
+        tril = jnp.tril(jnp.ones((T, T), dtype=bool))
+        wei = jnp.where(tril, wei, -jnp.inf)
+        wei = jax.nn.softmax(wei, axis=-1)
+        wei = nn.Dropout(self.dropout)(wei, deterministic=deterministic)
+        return wei @ v  # (B, T, T) @ (B, T, D) -> (B, T, D)
+
+
+class MultiHeadAttention(nn.Module):
+    """``n_head`` :class:`Head` s in parallel, concatenated, then projected back to C.
+
+    The heads are one batched computation (``nn.vmap`` over a leading head axis of the
+    parameters: each of key/query/value is a (H, C, D) kernel), the same maths as the
+    lecture's Python list of heads. Every head draws its own dropout mask.
+    Input (B, T, C) -> output (B, T, C).
+    """
+
+    n_head: int
+    head_size: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        B, T, C = x.shape
+        heads = nn.vmap(
+            Head,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(None, None),
+            out_axes=2,
+            axis_size=self.n_head,
+        )(self.head_size, self.dropout, name="heads")
+        out = heads(x, deterministic)                 # (B, T, H, D)
+        out = out.reshape(B, T, self.n_head * self.head_size)  # concat over heads: (B, T, C)
+        out = nn.Dense(C, kernel_init=_weight_init, name="proj")(out)
+        return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: C -> 4C -> ReLU -> C, then dropout. (B, T, C) -> (B, T, C)."""
+
+    n_embd: int
+    dropout: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        x = nn.Dense(4 * self.n_embd, kernel_init=_weight_init)(x)  # (B, T, 4C)
+        x = nn.relu(x)
+        x = nn.Dense(self.n_embd, kernel_init=_weight_init)(x)      # (B, T, C)
+        return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    """Transformer block, pre-LayerNorm: x + sa(ln1(x)), then x + ffwd(ln2(x))."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        cfg = self.config
+        sa = MultiHeadAttention(cfg.n_head, cfg.head_size, cfg.dropout, name="sa")
+        ffwd = FeedForward(cfg.n_embd, cfg.dropout, name="ffwd")
+        x = x + sa(nn.LayerNorm(epsilon=_LN_EPS, name="ln1")(x), deterministic)    # (B, T, C)
+        x = x + ffwd(nn.LayerNorm(epsilon=_LN_EPS, name="ln2")(x), deterministic)  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    """The lecture's GPT language model.
+
+    ``apply({'params': p}, idx, deterministic)``: int32 token ids ``idx`` (B, T) with
+    T <= block_size give float32 logits (B, T, V). With ``deterministic=False`` dropout is
+    on and the call needs a ``'dropout'`` PRNG key (``rngs={'dropout': key}``).
+
+    Raises:
+      ValueError: if T exceeds ``block_size`` (at trace time).
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, idx, deterministic: bool = True):
+        cfg = self.config
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
+        tok_emb = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_weight_init,
+                           name="token_embedding_table")(idx)                       # (B, T, C)
+        pos_emb = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=_weight_init,
+                           name="position_embedding_table")(jnp.arange(T))          # (T, C)
+        x = tok_emb + pos_emb                                                      # (B, T, C)
+        for i in range(cfg.n_layer):
+            x = Block(cfg, name=f"blocks_{i}")(x, deterministic)                   # (B, T, C)
+        x = nn.LayerNorm(epsilon=_LN_EPS, name="ln_f")(x)                          # (B, T, C)
+        logits = nn.Dense(cfg.vocab_size, kernel_init=_weight_init, name="lm_head")(x)  # (B, T, V)
+        return logits.astype(jnp.float32)
+
+    def init_params(self, key: jax.Array):
+        """Fresh parameters (a pytree of float32 arrays) drawn with ``key``."""
+        idx = jnp.zeros((1, self.config.block_size), jnp.int32)
+        return self.init({"params": key}, idx)["params"]
+
+    def generate(self, params, prompt_ids, max_new_tokens: int, key: jax.Array,
+                 temperature: float = 1.0, top_k: Optional[int] = None, start_id: int = 0):
+        """Autoregressive sampling, as the lecture's ``generate``; see :func:`generate`."""
+        return generate(self.config, params, prompt_ids, max_new_tokens, key,
+                        temperature=temperature, top_k=top_k, start_id=start_id)
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a pytree."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def cross_entropy_loss(logits, targets):
+    """Mean next-token cross-entropy in nats (float32 scalar).
+
+    Args:
+      logits: (B, T, V) float.
+      targets: (B, T) int32 ids in [0, V).
+    """
+    logits = logits.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, T)
+    return nll.mean()
+
+
+def generate(config: GPTConfig, params, prompt_ids, max_new_tokens: int, key: jax.Array,
+             temperature: float = 1.0, top_k: Optional[int] = None, start_id: int = 0):
+    """Sample ``max_new_tokens`` tokens after ``prompt_ids``, one compiled program.
+
+    At each step the context is cropped to its last ``block_size`` tokens, the logits at
+    the last position are divided by ``temperature``, optionally restricted to the
+    ``top_k`` largest, and a token is drawn from the softmax with ``fold_in(key, step)``.
+    The loop is a ``lax.fori_loop`` inside one ``jax.jit`` (compiled once per prompt
+    length, ``max_new_tokens`` and ``top_k``; no retracing per token).
+
+    Args:
+      config: the model's :class:`GPTConfig`.
+      params: the GPT parameters.
+      prompt_ids: int token ids, shape (T0,) or (B, T0). T0 may exceed ``block_size``;
+        T0 = 0 starts from ``start_id`` (the lecture starts from id 0, the newline of the
+        Tiny Shakespeare vocabulary), which is then part of the output.
+      max_new_tokens: number of tokens to add, >= 0.
+      key: PRNG key; the same key gives the same text.
+      temperature: >= 0; 0 means greedy decoding (argmax).
+      top_k: keep the k most likely tokens; values above V are clamped to V. None: all.
+      start_id: the token that starts an empty prompt.
+
+    Returns:
+      int32 ids of shape (T0 + max_new_tokens,) or (B, T0 + max_new_tokens): the prompt
+      followed by the new tokens.
+
+    Raises:
+      ValueError: negative temperature, ``max_new_tokens < 0``, ``top_k < 1``, ids outside
+        [0, V), or a prompt of rank other than 1 or 2.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        top_k = min(int(top_k), config.vocab_size)
+    prompt = jnp.asarray(prompt_ids, dtype=jnp.int32)
+    if prompt.ndim not in (1, 2):
+        raise ValueError(f"prompt_ids must have shape (T,) or (B, T), got {prompt.shape}")
+    squeeze = prompt.ndim == 1
+    if squeeze:
+        prompt = prompt[None]
+    if prompt.shape[1] == 0:
+        if not 0 <= start_id < config.vocab_size:
+            raise ValueError(f"start_id {start_id} outside the vocabulary [0, {config.vocab_size})")
+        prompt = jnp.full((prompt.shape[0], 1), start_id, jnp.int32)
+    if prompt.size and (int(prompt.min()) < 0 or int(prompt.max()) >= config.vocab_size):
+        raise ValueError(
+            f"prompt ids must lie in [0, {config.vocab_size}), got range "
+            f"[{int(prompt.min())}, {int(prompt.max())}]")
+    out = _generate_jit(config, params, prompt, key, jnp.float32(temperature),
+                        max_new_tokens, top_k)
+    return out[0] if squeeze else out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _generate_jit(config, params, prompt, key, temperature, max_new_tokens, top_k):
+    B, T0 = prompt.shape
+    total = T0 + max_new_tokens
+    # One buffer holds prompt and new tokens; it is at least block_size long so that the
+    # window below is always a full, in-bounds slice.
+    buf = jnp.zeros((B, max(total, config.block_size)), jnp.int32)
+    buf = buf.at[:, :T0].set(prompt)
+    model = GPT(config, parent=None)  # may be traced from inside GPT.generate
+
+    def body(i, buf):
+        length = T0 + i                                       # tokens so far
+        start = jnp.maximum(length - config.block_size, 0)     # crop to the last block_size
+        window = jax.lax.dynamic_slice_in_dim(buf, start, config.block_size, axis=1)  # (B, T)
+        logits = model.apply({"params": params}, window)      # (B, T, V)
+        # Causality makes the padding after position `length - 1` irrelevant.
+        logits = jax.lax.dynamic_index_in_dim(logits, length - 1 - start, axis=1,
+                                              keepdims=False)  # (B, V)
+        if top_k is not None and top_k < config.vocab_size:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]     # (B, 1)
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        greedy = jnp.argmax(logits, axis=-1)
+        safe_t = jnp.where(temperature > 0, temperature, 1.0)
+        sampled = jax.random.categorical(jax.random.fold_in(key, i), logits / safe_t, axis=-1)
+        nxt = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)  # (B,)
+        return jax.lax.dynamic_update_slice_in_dim(buf, nxt[:, None], length, axis=1)
+
+    buf = jax.lax.fori_loop(0, max_new_tokens, body, buf)
+    return buf[:, :total]
+
+
+# --- The language-modelling task: what the shared training core needs from the GPT. -----
+
+
+def make_loss_fn(model: nn.Module):
+    """``(params, (x, y), key, train) -> (loss, {})``: mean next-token cross-entropy of
+    ``model`` (a :class:`GPT` or :class:`BigramLanguageModel`), dropout keyed by ``key``
+    when ``train``."""
+
+    def loss_fn(params, batch, key, train):
+        x, y = batch
+        logits = model.apply({"params": params}, x, deterministic=not train,
+                             rngs={"dropout": key} if train else None)
+        return cross_entropy_loss(logits, y), {}
+
+    return loss_fn
+
+
+def make_task(config: GPTConfig, data, batch_size: int, eval_iters: int,
+              name: str = "gpt"):
+    """The :class:`genjax.train.loop.Task` of a GPT trained on ``data``.
+
+    Args:
+      config: the model config; ``config.vocab_size`` must equal the tokenizer's.
+      data: a :class:`genjax.data.text.TextData`.
+      batch_size: the global batch size.
+      eval_iters: random batches per split averaged by ``estimate_loss`` (the lecture's).
+
+    Raises:
+      ValueError: a vocabulary size that differs from the data's.
+    """
+    from genjax.data.text import get_batch
+    from genjax.train.loop import Task
+
+    if config.vocab_size != data.tokenizer.vocab_size:
+        raise ValueError(f"GPTConfig.vocab_size={config.vocab_size} but the data has "
+                         f"{data.tokenizer.vocab_size} characters")
+    model = GPT(config)
+    T = config.block_size
+
+    def train_batch(data_key, step, start, stop):
+        return get_batch(data.train, jax.random.fold_in(data_key, step), batch_size, T,
+                         start, stop)
+
+    def eval_batches(split, key, start, stop):
+        # The lecture's estimate_loss: eval_iters random batches of the split.
+        tokens = data.split(split)
+        for i in range(eval_iters):
+            yield get_batch(tokens, jax.random.fold_in(key, i), batch_size, T, start, stop)
+
+    return Task(
+        name=name,
+        init_params=model.init_params,
+        loss_fn=make_loss_fn(model),
+        train_batch=train_batch,
+        eval_batches=eval_batches,
+        eval_splits=("train", "val"),
+        meta={"family": "gpt", "model": dataclasses.asdict(config),
+              "vocab": data.tokenizer.chars},
+        items_per_example=T,
+        item_name="tokens",
+    )

@@ -1,0 +1,166 @@
+"""Orbax checkpoints of a run: the train state, the run's PRNG keys and JSON metadata.
+
+Layout: ``RUN_DIR/checkpoints/<step>/{state,meta}``, written by an Orbax
+``CheckpointManager`` (atomically: an interrupted save leaves a temporary folder that is
+never read). ``state`` is the pytree ``{'train': TrainState, 'keys': {...}}``; ``meta`` a
+JSON object with at least ``model`` (the model config), plus what the family adds (the
+GPT's vocabulary). Arrays are saved without their device layout, so a checkpoint written
+on 8 devices restores on 1, and the reverse.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used: missing, incompatible or unreadable."""
+
+
+def checkpoint_dir(run_dir) -> pathlib.Path:
+    return pathlib.Path(run_dir).absolute() / "checkpoints"
+
+
+def saved_steps(run_dir) -> list[int]:
+    """Steps of the complete checkpoints under ``RUN_DIR/checkpoints``, ascending.
+
+    Reads the folder names only; creates nothing.
+    """
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class Checkpointer:
+    """Saves and restores a run's checkpoints (an Orbax ``CheckpointManager``).
+
+    Args:
+      run_dir: the run directory; checkpoints go to ``run_dir/checkpoints``.
+      max_to_keep: newest checkpoints kept; older ones are removed as new ones land.
+      log: where to report fall-backs (``print`` by default).
+    """
+
+    def __init__(self, run_dir, max_to_keep: int = 3, log: Callable[[str], None] = print):
+        self.directory = checkpoint_dir(run_dir)
+        self.log = log
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "meta"),
+        )
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Write checkpoint ``step`` (asynchronously; :meth:`close` waits for it)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_latest(self, abstract_state, check_meta: Callable[[dict], None]):
+        """Restore the newest readable checkpoint.
+
+        Args:
+          abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with the target
+            shardings) or arrays shaped like the saved state.
+          check_meta: raises :class:`CheckpointError` if the saved metadata does not fit
+            this run (a different model config, say); such an error is final.
+
+        Returns:
+          ``(step, state, meta)``.
+
+        Raises:
+          CheckpointError: no checkpoint, metadata that does not fit, or no checkpoint
+            that can be read. An unreadable newest checkpoint is reported, moved aside to
+            ``RUN_DIR/checkpoints_unreadable/<step>`` (never deleted) and the previous one
+            is tried.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        for step in steps:
+            try:
+                meta = self.read_meta(step)
+            except Exception as e:  # noqa: BLE001 - any read failure means unreadable
+                self._set_aside(step, e)
+                continue
+            check_meta(meta)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(step, e)
+                continue
+            return step, restored["state"], meta
+        raise CheckpointError(f"no readable checkpoint in {self.directory}; the unreadable "
+                              f"ones were moved to {self.directory.parent / 'checkpoints_unreadable'}")
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        aside = self.directory.parent / "checkpoints_unreadable"
+        aside.mkdir(exist_ok=True)
+        target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(str(self.directory / str(step)), str(target))
+        self.log(f"warning: checkpoint at step {step} is unreadable "
+                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                 f"moved it to {target} and trying the previous one")
+        self.manager.reload()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, sharding=None):
+    """``jax.ShapeDtypeStruct`` s shaped like ``tree``, optionally with one ``sharding``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_latest(run_dir, device=None, log: Callable[[str], None] = print):
+    """Read the newest readable checkpoint of ``run_dir`` onto one device, for sampling
+    or inspection. Changes nothing on disk.
+
+    Returns:
+      ``(step, state, meta)``: ``state`` is the saved pytree as nested dicts
+      (``state['train']['params']`` ...), ``meta`` the saved JSON metadata.
+
+    Raises:
+      CheckpointError: no checkpoint, or none readable.
+    """
+    directory = checkpoint_dir(run_dir)
+    steps = saved_steps(run_dir)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {directory}: is --run-dir {run_dir} a "
+                              "training run's directory?")
+    device = device or jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=("state", "meta"))
+    try:
+        for step in reversed(steps):
+            try:
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                tree = manager.item_metadata(step)["state"]
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+                state = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))["state"]
+                return step, state, meta
+            except Exception as e:  # noqa: BLE001 - any read failure: try an older one
+                log(f"warning: checkpoint at step {step} is unreadable "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying the previous one")
+    finally:
+        manager.close()
+    raise CheckpointError(f"no readable checkpoint in {directory}")

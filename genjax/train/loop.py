@@ -1,0 +1,277 @@
+"""The training loop shared by every model family: config -> data -> state -> steps -> loop.
+
+A model family describes itself with a :class:`Task` (its parameters, loss, batches and
+reports); :func:`fit` does the rest the same way for all: devices, optimizer, the run
+directory (``config.json``, ``metrics.jsonl``), progress bar, evaluation, Orbax
+checkpoints and resumption.
+
+Randomness: ``PRNGKey(seed)`` is split once into init, data, dropout and eval keys, saved
+with every checkpoint. The batch at step k is drawn with ``fold_in(data_key, k)`` and its
+dropout with ``fold_in(dropout_key, k)``, so a resumed run takes the very same steps as an
+uninterrupted one, on any device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, saved_steps
+from genjax.train.config import TrainConfig
+from genjax.train.optim import make_optimizer
+from genjax.train.parallel import Engine, make_engine
+from genjax.train.steps import LossFn, TrainState, create_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a model family hands to :func:`fit`.
+
+    Attributes:
+      name: short name, used in messages.
+      init_params: ``key -> params``.
+      loss_fn: ``(params, batch, key, train) -> (loss, metrics)``, see
+        :mod:`genjax.train.steps`.
+      train_batch: ``(data_key, step, start, stop) -> batch``: examples ``[start, stop)`` of
+        the global training batch of step ``step`` (a process loads only its share).
+      eval_batches: ``(split, key, start, stop) -> iterable of batches`` for each name in
+        ``eval_splits``, the same share convention.
+      eval_splits: the splits evaluated; their mean losses are reported as
+        ``{split}_loss`` and their other metrics as ``{split}_{name}``.
+      meta: JSON metadata saved in every checkpoint; ``meta['model']`` must match when a
+        run resumes.
+      items_per_example: e.g. ``block_size`` tokens per GPT example, 1 image per image.
+      item_name: ``tokens`` or ``images``: throughput is logged as ``{item_name}_per_s``.
+      report: optional ``(params, key, step) -> dict`` called at each evaluation on
+        single-device parameters, for the family's own figures and files.
+    """
+
+    name: str
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: LossFn
+    train_batch: Callable[[jax.Array, int, int, int], Any]
+    eval_batches: Callable[[str, jax.Array, int, int], Iterable[Any]]
+    eval_splits: tuple[str, ...]
+    meta: Mapping[str, Any]
+    items_per_example: int = 1
+    item_name: str = "examples"
+    report: Optional[Callable[[Any, jax.Array, int], dict]] = None
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+      state: the final :class:`TrainState` (replicated over the engine's devices).
+      history: the evaluation records written to ``metrics.jsonl`` by this call.
+      engine: the engine used (``engine.to_single_device(state.params)`` for sampling).
+      keys: the run's PRNG keys (``init``, ``data``, ``dropout``, ``eval``).
+      run_dir: the run directory.
+    """
+
+    state: TrainState
+    history: list
+    engine: Engine
+    keys: dict
+    run_dir: pathlib.Path
+
+
+def run_keys(seed: int) -> dict:
+    """The run's four keys, split from ``PRNGKey(seed)``: init, data, dropout, eval."""
+    init, data, dropout, evaluation = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return {"init": init, "data": data, "dropout": dropout, "eval": evaluation}
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def check_run_dir(run_dir, resume: bool) -> None:
+    """Refuse to start a new run over existing checkpoints, or to resume from nothing.
+
+    Raises:
+      FileExistsError: ``run_dir`` holds checkpoints and ``resume`` is False.
+      FileNotFoundError: ``resume`` is True and ``run_dir`` holds no checkpoint.
+    """
+    steps = saved_steps(run_dir)
+    if steps and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints (steps {steps}); pass --resume to continue "
+            "that run, or choose another --run-dir. Nothing was changed.")
+    if resume and not steps:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {pathlib.Path(run_dir) / 'checkpoints'}; drop "
+            "--resume to start a new run there.")
+
+
+def _model_meta_checker(expected: Mapping[str, Any]):
+    def check(meta: dict) -> None:
+        saved, wanted = meta.get("model"), expected.get("model")
+        if saved != wanted:
+            saved, wanted = saved or {}, wanted or {}
+            diff = {k: (saved.get(k), wanted.get(k)) for k in sorted(set(saved) | set(wanted))
+                    if saved.get(k) != wanted.get(k)}
+            text = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+            raise CheckpointError(
+                f"the checkpoint's model config differs from this run's ({text}); resume with "
+                "the same model flags, or start a new --run-dir. Nothing was changed.")
+    return check
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def evaluate(task: Task, engine: Engine, eval_step, params, key: jax.Array,
+             global_batch: int) -> dict:
+    """Mean eval metrics of each split, as ``{split}_{metric}`` floats (dropout off).
+
+    ``params`` are replicated on the engine's devices; each split's batches come from
+    ``task.eval_batches(split, fold_in(key, split index), start, stop)``, where
+    ``[start, stop)`` is this process's share of a global batch of ``global_batch``.
+    """
+    start, stop = engine.local_share(global_batch)
+    out = {}
+    for i, split in enumerate(task.eval_splits):
+        split_key = jax.random.fold_in(key, i)
+        sums, n = None, 0
+        for j, batch in enumerate(task.eval_batches(split, split_key, start, stop)):
+            m = eval_step(params, engine.put_batch(batch), jax.random.fold_in(split_key, j))
+            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+            n += 1
+        if n == 0:
+            raise ValueError(f"{task.name}: split {split!r} gave no evaluation batch")
+        out.update({f"{split}_{k}": float(v) / n for k, v in jax.device_get(sums).items()})
+    return out
+
+
+def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
+        config_record: Optional[dict] = None, log: Optional[Callable[[str], None]] = None,
+        progress: bool = True) -> FitResult:
+    """Train ``task`` under ``cfg`` in ``run_dir``: the shared loop of every experiment.
+
+    Evaluates at step 0 (a new run), every ``eval_interval`` steps and at ``max_iters``;
+    each evaluation appends a record (``step``, ``{split}_loss`` ..., ``elapsed_s``,
+    ``{item}_per_s``, ``lr``) to ``metrics.jsonl`` and saves a checkpoint (except at step
+    0). ``config_record`` (the experiment's whole config) is written to ``config.json``, or
+    beside it as ``config.resume-<step>.json`` on resumption.
+
+    Raises:
+      ValueError: devices and batch that do not fit (before compilation).
+      FileExistsError / FileNotFoundError: see :func:`check_run_dir` (nothing is touched).
+      CheckpointError: the checkpoint's model differs, or none is readable.
+    """
+    log = log or (lambda s: tqdm.write(s) if is_main_process() else None)
+    t_start = time.perf_counter()
+    engine = make_engine(cfg.parallel, cfg.devices, cfg.batch_size)
+    check_run_dir(run_dir, resume)
+    run_dir = pathlib.Path(run_dir)
+    start, stop = engine.local_share(cfg.batch_size)
+
+    tx, schedule = make_optimizer(cfg)
+    keys = run_keys(cfg.seed)
+
+    def init_state(key):
+        return create_train_state(task.init_params(key), tx)
+
+    if resume:
+        abstract = {"train": abstract_like(jax.eval_shape(init_state, keys["init"]), engine.replicated),
+                    "keys": abstract_like(keys, engine.replicated)}
+        ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
+        step0, restored, _ = ckpt.restore_latest(abstract, _model_meta_checker(task.meta))
+        state, keys = restored["train"], restored["keys"]
+        log(f"resumed {run_dir} from step {step0}")
+    else:
+        state = jax.jit(init_state, out_shardings=engine.replicated)(keys["init"])
+        keys = engine.put_replicated(keys)
+        step0 = 0
+
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config_record is not None:
+            name = "config.json" if step0 == 0 else f"config.resume-{step0}.json"
+            _write_json(run_dir / name, config_record)
+    if not resume:
+        ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
+
+    train_step = engine.compile_train_step(task.loss_fn, tx, schedule)
+    eval_step = engine.compile_eval_step(task.loss_fn)
+    log(f"{task.name}: {engine.describe(cfg.batch_size)}")
+
+    metrics_path = run_dir / "metrics.jsonl"
+    history: list = []
+    items_per_step = cfg.batch_size * task.items_per_example
+    rate_key = f"{task.item_name}_per_s"
+    # Throughput counts training steps only: not compilation, evaluation or checkpoints.
+    timer = {"mark": time.perf_counter(), "untimed": 0, "steps": 0, "seconds": 0.0}
+
+    def measure() -> float:
+        now = time.perf_counter()
+        timer["seconds"] += now - timer["mark"]
+        timer["steps"] += timer["untimed"]
+        timer["mark"], timer["untimed"] = now, 0
+        return timer["steps"] * items_per_step / max(timer["seconds"], 1e-9)
+
+    def do_eval(step: int, last_metrics) -> None:
+        record = {"step": step}
+        record.update(evaluate(task, engine, eval_step, state.params,
+                               jax.random.fold_in(keys["eval"], step), cfg.batch_size))
+        if task.report is not None:
+            record.update(task.report(engine.to_single_device(state.params),
+                                      jax.random.fold_in(keys["eval"], step), step) or {})
+        if timer["steps"]:
+            record[rate_key] = timer["steps"] * items_per_step / timer["seconds"]
+        record["lr"] = float(schedule(step))
+        if last_metrics is not None:
+            record["batch_loss"] = float(last_metrics["loss"])
+        record["elapsed_s"] = time.perf_counter() - t_start
+        history.append(record)
+        if is_main_process():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        shown = {k: v for k, v in record.items() if k.endswith("_loss") and k != "batch_loss"}
+        log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+        timer.update(steps=0, seconds=0.0)
+
+    def save(step: int) -> None:
+        ckpt.save(step, {"train": state, "keys": keys}, dict(task.meta))
+
+    if step0 == 0:
+        do_eval(0, None)
+
+    bar = tqdm(total=cfg.max_iters, initial=step0, disable=not (progress and is_main_process()),
+               desc=task.name, dynamic_ncols=True)
+    metrics = None
+    try:
+        for step in range(step0, cfg.max_iters):
+            batch = engine.put_batch(task.train_batch(keys["data"], step, start, stop))
+            state, metrics = train_step(state, batch, jax.random.fold_in(keys["dropout"], step))
+            done = step + 1
+            bar.update(1)
+            if done == step0 + 1:
+                jax.block_until_ready(metrics)  # the first step compiles: not timed
+                timer["mark"] = time.perf_counter()
+            else:
+                timer["untimed"] += 1
+            at_eval = done % cfg.eval_interval == 0 or done == cfg.max_iters
+            if at_eval or done % cfg.log_interval == 0:
+                loss = float(metrics["loss"])  # waits for the device
+                rate = measure()
+                bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} {task.item_name}/s")
+            if at_eval:
+                do_eval(done, metrics)
+                save(done)
+                timer["mark"] = time.perf_counter()
+    finally:
+        bar.close()
+        ckpt.close()
+    return FitResult(state=state, history=history, engine=engine, keys=keys, run_dir=run_dir)

@@ -1,0 +1,178 @@
+"""Data parallelism over the local devices: the engines that run the shared steps.
+
+Three engines run the same pure steps of :mod:`genjax.train.steps`:
+
+- ``pmap``: ``jax.pmap`` over a named axis ``'batch'``; each device takes its share of the
+  global batch, gradients and metrics are averaged with ``lax.pmean``; the state goes in
+  with ``in_axes=None`` and comes back with ``out_axes=None``, so it stays one replicated
+  array (no ``[0]`` indexing, no stacked copies).
+- ``sharding``: one ``jax.jit`` program over the 1-D mesh ``('data',)`` made by
+  ``jax.make_mesh``; state replicated (``P()``), batch sharded (``P('data')``), state buffers
+  donated. XLA inserts the gradient all-reduce.
+- ``none``: ``jax.jit`` on one device.
+
+Batches are global: the same examples at step k whatever the device count. With several
+processes (``jax.distributed``), each process supplies only its share of every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from genjax.train.steps import LossFn, make_eval_step, make_train_step
+
+PMAP_AXIS = "batch"
+MESH_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """How steps are compiled and where arrays live. Make one with :func:`make_engine`.
+
+    Attributes:
+      kind: ``pmap``, ``sharding`` or ``none``.
+      devices: the devices used, this process's first (all of them for one process).
+      mesh: a 1-D mesh over ``devices``.
+    """
+
+    kind: str
+    devices: tuple
+    mesh: Mesh
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.devices)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        """The sharding of the train state: a full copy on every device."""
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """The sharding of a batch: split along its leading axis."""
+        return NamedSharding(self.mesh, P(self.mesh.axis_names[0]))
+
+    def per_device_batch(self, global_batch: int) -> int:
+        return global_batch // self.n_devices
+
+    def local_share(self, global_batch: int) -> tuple[int, int]:
+        """This process's slice ``[start, stop)`` of a global batch of ``global_batch``."""
+        per_process = global_batch // jax.process_count()
+        start = jax.process_index() * per_process
+        return start, start + per_process
+
+    # -- placing arrays --------------------------------------------------------------
+
+    def put_replicated(self, tree):
+        """Put a pytree (host or device arrays) on every device, as a replicated copy."""
+        return jax.device_put(tree, self.replicated)
+
+    def put_batch(self, local_batch):
+        """Make the global, device-sharded batch from this process's share of it.
+
+        ``local_batch``: a pytree of arrays whose leading axis holds this process's
+        examples. Under ``pmap`` the leading axis is split into (devices, per device).
+        """
+        def put(x):
+            x = np.asarray(x) if not isinstance(x, jax.Array) else x
+            global_shape = (x.shape[0] * jax.process_count(),) + tuple(x.shape[1:])
+            if self.kind == "pmap":
+                n = self.n_devices
+                global_shape = (n, global_shape[0] // n) + global_shape[1:]
+                x = x.reshape((n // jax.process_count(), x.shape[0] * jax.process_count() // n)
+                              + tuple(x.shape[1:]))
+            if jax.process_count() == 1:
+                return jax.device_put(x, self.batch_sharding)
+            return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x),
+                                                          global_shape)
+        return jax.tree.map(put, local_batch)
+
+    def to_single_device(self, tree):
+        """Copy a (replicated) pytree onto the first device, for sampling and reports."""
+        return jax.device_put(tree, self.devices[0])
+
+    # -- compiling steps -------------------------------------------------------------
+
+    def compile_train_step(self, loss_fn: LossFn, tx: optax.GradientTransformation,
+                           schedule: Optional[optax.Schedule] = None):
+        """The compiled ``(state, batch, key) -> (state, metrics)``; the state is donated.
+
+        ``state`` and the returned state and metrics are replicated arrays; ``batch`` comes
+        from :meth:`put_batch`.
+        """
+        if self.kind == "pmap":
+            step = make_train_step(loss_fn, tx, schedule, axis_name=PMAP_AXIS)
+            return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None),
+                            out_axes=(None, None), devices=self.devices, donate_argnums=0)
+        step = make_train_step(loss_fn, tx, schedule)
+        if self.kind == "sharding":
+            return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                           out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        return jax.jit(step, donate_argnums=0)
+
+    def compile_eval_step(self, loss_fn: LossFn):
+        """The compiled ``(params, batch, key) -> metrics`` with dropout off."""
+        if self.kind == "pmap":
+            step = make_eval_step(loss_fn, axis_name=PMAP_AXIS)
+            return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None), out_axes=None,
+                            devices=self.devices)
+        step = make_eval_step(loss_fn)
+        if self.kind == "sharding":
+            return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+                           out_shardings=self.replicated)
+        return jax.jit(step)
+
+    def describe(self, global_batch: int) -> str:
+        return (f"engine={self.kind} devices={self.n_devices} ({self.devices[0].platform}) "
+                f"processes={jax.process_count()} global_batch={global_batch} "
+                f"per_device_batch={self.per_device_batch(global_batch)}")
+
+
+def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
+                global_batch: Optional[int] = None) -> Engine:
+    """Choose the devices and check that the batch divides among them, before compiling.
+
+    Args:
+      kind: ``pmap``, ``sharding`` or ``none`` (``none`` uses one device).
+      n_devices: devices to use; None = every device (``jax.device_count()``).
+      global_batch: the global batch size, checked to be divisible by the device count
+        (and by the process count).
+
+    Raises:
+      ValueError: unknown ``kind``; ``n_devices`` above the available count; ``none`` with
+        ``n_devices > 1``; ``global_batch`` not divisible by the device count. The message
+        names both numbers.
+    """
+    if kind not in ("pmap", "sharding", "none"):
+        raise ValueError(f"parallel engine must be 'pmap', 'sharding' or 'none', got {kind!r}")
+    available = jax.devices()
+    if n_devices is None:
+        n_devices = 1 if kind == "none" else len(available)
+    if n_devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {n_devices}")
+    if n_devices > len(available):
+        raise ValueError(f"--devices {n_devices} exceeds the {len(available)} available "
+                         f"{available[0].platform} device(s)")
+    if kind == "none" and n_devices != 1:
+        raise ValueError(f"--parallel none runs on one device, but --devices {n_devices} was "
+                         "asked: use --parallel pmap or sharding")
+    if jax.process_count() > 1 and n_devices != len(available):
+        raise ValueError(f"with {jax.process_count()} processes every device takes part: "
+                         f"--devices {n_devices} != {len(available)}")
+    if global_batch is not None and global_batch % n_devices:
+        raise ValueError(f"global batch size {global_batch} is not divisible by the "
+                         f"{n_devices} devices: choose a multiple of {n_devices}")
+    # This process's devices first: pmap maps over the local ones.
+    local = [d for d in available if d.process_index == jax.process_index()]
+    others = [d for d in available if d.process_index != jax.process_index()]
+    devices = tuple((local + others)[:n_devices])
+    mesh = Mesh(np.array(devices), (PMAP_AXIS if kind == "pmap" else MESH_AXIS,))
+    return Engine(kind=kind, devices=devices, mesh=mesh)

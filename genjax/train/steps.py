@@ -1,0 +1,97 @@
+"""Train state and the pure train / eval step functions shared by every model family.
+
+A model family supplies one loss function with the signature
+
+    loss_fn(params, batch, key, train) -> (loss, metrics)
+
+where ``batch`` is a pytree of arrays whose leading axis is the batch, ``key`` a PRNG key
+(dropout, reparameterisation noise), ``train`` a Python bool (dropout on or off), ``loss`` a
+float32 scalar averaged over the batch and ``metrics`` a dict of float32 scalars, also
+batch means. Everything else (gradients, optimizer, devices) is here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+LossFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree.
+
+    Attributes:
+      step: int32 scalar, optimizer updates done so far.
+      params: the model parameters.
+      opt_state: the optax optimizer state.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
+    """A state at step 0 for ``params`` with a fresh optimizer state of ``tx``."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                    schedule: Optional[optax.Schedule] = None,
+                    axis_name: Optional[str] = None):
+    """Build the pure step ``(state, batch, key) -> (state, metrics)``.
+
+    One step: the loss and its gradients on ``batch`` (dropout on, keyed by ``key``), then
+    the optax update. With ``axis_name`` the step runs once per device on that device's
+    share of the batch (under ``jax.pmap``): each device folds its index into ``key`` so
+    no two devices share a dropout mask, and gradients, loss and metrics are averaged with
+    ``lax.pmean``, which leaves the updated parameters identical on every device.
+
+    ``metrics`` holds ``loss``, the loss function's metrics, ``grad_norm`` (global L2 norm
+    of the averaged gradients) and, with ``schedule``, ``lr`` (the rate used at this step).
+    """
+
+    def train_step(state: TrainState, batch, key):
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+        def objective(params):
+            return loss_fn(params, batch, key, True)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        metrics = {"loss": loss, **metrics}
+        if axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(loss_fn: LossFn, axis_name: Optional[str] = None):
+    """Build the pure step ``(params, batch, key) -> metrics`` with dropout off.
+
+    ``metrics`` holds ``loss`` and the loss function's metrics, batch means (averaged over
+    devices with ``lax.pmean`` when ``axis_name`` is given).
+    """
+
+    def eval_step(params, batch, key):
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        loss, metrics = loss_fn(params, batch, key, False)
+        metrics = {"loss": loss, **metrics}
+        if axis_name is not None:
+            metrics = jax.lax.pmean(metrics, axis_name)
+        return metrics
+
+    return eval_step
