@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from genjax.data.text import CharTokenizer, load_text_data
+from genjax.data.tfds import DataUnavailableError
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
-from genjax.train.checkpoint import load_latest
+from genjax.train.checkpoint import CheckpointError, load_latest
 from genjax.train.cli import override, parse_command
 from genjax.train.config import ParallelEngine, TrainConfig
 from genjax.train.loop import fit, is_main_process
@@ -157,7 +158,7 @@ def train(args: Train):
     # sample
     params = result.engine.to_single_device(result.state.params)
     step = int(result.state.step)
-    key = jax.random.fold_in(result.keys["init"], step)
+    key = jax.random.fold_in(result.engine.to_single_device(result.keys["init"]), step)
     text = sample_text(model_cfg, data.tokenizer, params, "", args.max_new_tokens, key)
     if is_main_process():
         with open(run_dir / "samples.txt", "a") as f:
@@ -194,9 +195,13 @@ def sample(args: Sample) -> str:
 
 
 def main(argv=None):
+    """Entry point; bad input ends the program with one ``error: ...`` line (exit status 1)."""
     args = parse_command({"train": Train, "sample": Sample}, default="train", argv=argv,
                          prog="python -m experiments.gpt_shakespeare")
-    return train(args) if isinstance(args, Train) else sample(args)
+    try:
+        return train(args) if isinstance(args, Train) else sample(args)
+    except (ValueError, OSError, DataUnavailableError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from e
 
 
 if __name__ == "__main__":

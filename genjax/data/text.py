@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.data.tfds import import_tfds, network_reachable
+from genjax.data.tfds import DataUnavailableError, import_tfds, network_reachable
 
 TRAIN_FRACTION = 0.9
 DATA_DIR_ENV = "GENJAX_DATA_DIR"
@@ -132,7 +132,7 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
 
     Raises:
       FileNotFoundError: ``data_dir`` given but holds no ``input.txt``.
-      RuntimeError: the data set is not prepared, no ``data_dir`` was given and the
+      DataUnavailableError: the data set is not prepared, no ``data_dir`` was given and the
         download host cannot be reached (said at once, naming ``--data-dir`` and
         ``GENJAX_DATA_DIR``).
     """
@@ -146,7 +146,7 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
     builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir)
     if not builder.is_prepared():
         if manual is None and not network_reachable(_SHAKESPEARE_HOST):
-            raise RuntimeError(
+            raise DataUnavailableError(
                 "tiny_shakespeare is not prepared and there is no network to download it: "
                 "pass --data-dir DIR (or set GENJAX_DATA_DIR) to a folder holding "
                 "input.txt or tinyshakespeare/input.txt, or train on any file with "

@@ -6,6 +6,10 @@ from __future__ import annotations
 import socket
 
 
+class DataUnavailableError(RuntimeError):
+    """A data set is neither prepared nor obtainable here (no network, no local copy)."""
+
+
 def import_tfds():
     """Import ``tensorflow_datasets`` with TensorFlow hidden from every GPU."""
     import tensorflow as tf

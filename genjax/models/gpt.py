@@ -201,15 +201,21 @@ class GPT(nn.Module):
         return logits.astype(jnp.float32)
 
     def init_params(self, key: jax.Array):
-        """Fresh parameters (a pytree of float32 arrays) drawn with ``key``."""
-        idx = jnp.zeros((1, self.config.block_size), jnp.int32)
-        return self.init({"params": key}, idx)["params"]
+        """Fresh parameters (a pytree of float32 arrays) drawn with ``key`` (compiled once
+        per config; usable inside ``jax.jit`` and ``jax.eval_shape``)."""
+        return _init_params(self.config, key)
 
     def generate(self, params, prompt_ids, max_new_tokens: int, key: jax.Array,
                  temperature: float = 1.0, top_k: Optional[int] = None, start_id: int = 0):
         """Autoregressive sampling, as the lecture's ``generate``; see :func:`generate`."""
         return generate(self.config, params, prompt_ids, max_new_tokens, key,
                         temperature=temperature, top_k=top_k, start_id=start_id)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(config: GPTConfig, key: jax.Array):
+    idx = jnp.zeros((1, config.block_size), jnp.int32)
+    return GPT(config, parent=None).init({"params": key}, idx)["params"]
 
 
 def count_params(params) -> int:

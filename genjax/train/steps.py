@@ -70,7 +70,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

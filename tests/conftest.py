@@ -1,0 +1,50 @@
+"""Test set-up: 8 CPU devices (before JAX is imported), small data made here."""
+
+import os
+import pathlib
+
+# Several devices on one CPU, so the data-parallel engines run in every test session.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Tests build the same tiny programs many times: share compilations through a cache.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="genjax-test-xla-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# A short play-shaped text: speaker names, line breaks, a small vocabulary.
+_LINES = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n",
+    "All:\nSpeak, speak.\n\n",
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n",
+    "All:\nResolved. resolved.\n\n",
+    "MENENIUS:\nWhat work's, my countrymen, in hand? where go you?\n\n",
+]
+
+
+@pytest.fixture(scope="session")
+def play_text() -> str:
+    """About 6,000 characters of repeated dialogue."""
+    return "".join(_LINES) * 20
+
+
+@pytest.fixture()
+def text_file(tmp_path, play_text) -> pathlib.Path:
+    path = tmp_path / "play.txt"
+    path.write_text(play_text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> pathlib.Path:
+    """``../shared/data`` when it holds Tiny Shakespeare; the test skips otherwise."""
+    if not (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"no Tiny Shakespeare under {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments import gpt_shakespeare as exp
+
+TINY_FLAGS = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2",
+              "--batch-size", "8", "--block-size", "16", "--n-layer", "1", "--n-head", "2",
+              "--n-embd", "16", "--warmup-iters", "1", "--max-new-tokens", "40"]
+
+
+def test_train_then_sample_end_to_end(tmp_path, text_file, capsys):
+    run = tmp_path / "run"
+    result = exp.main(["--preset", "cpu", "--text-file", str(text_file), "--run-dir", str(run),
+                       *TINY_FLAGS])
+    assert int(result.state.step) == 6
+    out = capsys.readouterr().out
+    assert "engine=pmap devices=8" in out and "per_device_batch=1" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "cpu" and config["model"]["n_embd"] == 16
+    assert config["train"]["lr_decay_iters"] == 6  # the cosine decays over the run
+    assert "".join(sorted(config["vocab"])) == config["vocab"]
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3, 6]
+    assert {"train_loss", "val_loss", "elapsed_s", "tokens_per_s"} <= set(records[-1])
+    samples = (run / "samples.txt").read_text()
+    assert samples.startswith("=== step 6") and len(samples.splitlines()) >= 2
+
+    text = exp.main(["sample", "--run-dir", str(run), "--prompt", "All:",
+                     "--max-new-tokens", "25", "--temperature", "0"])
+    assert text.startswith("All:") and len(text) == 4 + 25
+    assert text == exp.main(["sample", "--run-dir", str(run), "--prompt", "All:",
+                             "--max-new-tokens", "25", "--temperature", "0"])
+
+    # Resume to 9 steps: continues from the checkpoint at 6.
+    exp.main(["--preset", "cpu", "--text-file", str(text_file), "--run-dir", str(run),
+              "--resume", *TINY_FLAGS[:-2], "--max-iters", "9", "--max-new-tokens", "5"])
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 3, 6, 9]
+    assert (run / "config.resume-6.json").is_file()
+
+
+def test_cli_errors_are_clear(tmp_path, text_file):
+    with pytest.raises(SystemExit, match="n_embd=30 is not divisible by n_head=4"):
+        exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
+                  "--n-embd", "30", "--n-head", "4"])
+    with pytest.raises(SystemExit, match="global batch size 10 is not divisible by the 8"):
+        exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
+                  *TINY_FLAGS, "--batch-size", "10"])
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        exp.main(["sample", "--run-dir", str(tmp_path / "nothing")])
+    assert not (tmp_path / "r").exists()
+
+
+def test_presets_match_the_issue():
+    model, train = exp.PRESETS["lecture"]
+    assert (model.block_size, model.n_layer, model.n_head, model.n_embd, model.dropout) == \
+        (256, 6, 6, 384, 0.2)
+    assert (train.batch_size, train.max_iters, train.eval_interval, train.eval_iters,
+            train.learning_rate, train.lr_schedule, train.seed) == \
+        (64, 5000, 500, 200, 3e-4, "constant", 1337)
+    model, train = exp.PRESETS["cpu"]
+    assert (model.block_size, model.n_layer, model.n_head, model.n_embd, model.dropout) == \
+        (64, 4, 4, 128, 0.0)
+    assert (train.batch_size, train.max_iters, train.eval_interval, train.eval_iters,
+            train.learning_rate, train.min_lr, train.warmup_iters, train.beta2,
+            train.weight_decay, train.weight_decay_on, train.grad_clip) == \
+        (12, 2000, 250, 20, 1e-3, 1e-4, 100, 0.99, 0.1, "matrices", 1.0)
+    assert exp.default_preset() == "cpu"  # tests run on CPU
+
+
+def test_module_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "experiments.gpt_shakespeare", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "train" in out.stdout and "sample" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "experiments.gpt_shakespeare", "train", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    for flag in ("--preset", "--max-iters", "--eval-interval", "--eval-iters", "--batch-size",
+                 "--block-size", "--n-layer", "--n-head", "--n-embd", "--dropout",
+                 "--learning-rate", "--seed", "--data-dir", "--text-file", "--run-dir",
+                 "--resume", "--parallel", "--devices"):
+        assert flag in out.stdout, flag

@@ -1,0 +1,92 @@
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from genjax.data import text as T
+
+
+def test_tokenizer_round_trip_and_sorted_vocab(play_text):
+    tok = T.CharTokenizer.from_text(play_text)
+    assert tok.chars == "".join(sorted(set(play_text)))
+    ids = tok.encode(play_text)
+    assert ids.dtype == np.int32 and ids.shape == (len(play_text),)
+    assert tok.decode(ids) == play_text
+    assert tok.encode("\n")[0] == 0  # newline sorts first, the lecture's start token
+
+
+def test_unknown_character_raises_naming_it(play_text):
+    tok = T.CharTokenizer.from_text(play_text)
+    with pytest.raises(ValueError, match=r"'#' at position 3"):
+        tok.encode("All#")
+    with pytest.raises(ValueError, match="ids must lie"):
+        tok.decode([tok.vocab_size])
+
+
+def test_split_is_first_90_percent():
+    text = "abcdefghij" * 11  # 110 characters
+    train, val = T.split_text(text)
+    assert len(train) == 99 and train + val == text
+    # Tiny Shakespeare's sizes: the lecture's n = int(0.9 * len(data)).
+    assert int(0.9 * 1_115_394) == 1_003_854
+
+
+def test_batches_are_shifted_windows_and_keyed(play_text):
+    data = T.make_text_data(*T.split_text(play_text), block_size=8)
+    x, y = T.get_batch(data.train, jax.random.PRNGKey(0), 4, 8)
+    assert x.shape == y.shape == (4, 8) and x.dtype == np.int32
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    train = np.asarray(data.train)
+    for row_x, row_y in zip(np.asarray(x), np.asarray(y)):
+        start = next(i for i in range(len(train) - 8) if (train[i:i + 8] == row_x).all()
+                     and (train[i + 1:i + 9] == row_y).all())
+        assert start < len(train) - 8
+    x2, _ = T.get_batch(data.train, jax.random.PRNGKey(0), 4, 8)
+    np.testing.assert_array_equal(x, x2)
+    # A share [start, stop) is that slice of the global batch.
+    xs, ys = T.get_batch(data.train, jax.random.PRNGKey(0), 4, 8, 2, 4)
+    np.testing.assert_array_equal(xs, x[2:4])
+
+
+def test_text_shorter_than_block_raises():
+    with pytest.raises(ValueError, match="fewer than block_size \\+ 1 = 65"):
+        T.make_text_data("a" * 100, "b" * 10, block_size=64)
+
+
+def test_text_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        T.read_text_file(tmp_path / "missing.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        T.read_text_file(bad)
+
+
+def test_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv(T.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(T, "network_reachable", lambda *a, **k: False)
+    with pytest.raises(RuntimeError, match="--data-dir DIR \\(or set GENJAX_DATA_DIR\\)"):
+        T.load_tiny_shakespeare(tfds_data_dir=tmp_path / "tfds")
+
+
+def test_data_dir_without_input_txt(tmp_path):
+    with pytest.raises(FileNotFoundError, match="found neither"):
+        T.load_tiny_shakespeare(data_dir=tmp_path, tfds_data_dir=tmp_path / "tfds")
+
+
+def test_tfds_manual_dir_prepares_offline(shakespeare_dir, tmp_path):
+    train, val = T.load_tiny_shakespeare(data_dir=shakespeare_dir, tfds_data_dir=tmp_path)
+    assert (len(train), len(val)) == (1_003_854, 111_540)
+    full = (shakespeare_dir / "tinyshakespeare" / "input.txt").read_text()
+    assert (train, val) == T.split_text(full)  # TFDS's splits are the lecture's 90/10
+    assert T.CharTokenizer.from_text(train + val).vocab_size == 65
+    assert math.isclose(len(train) / len(full), 0.9, abs_tol=1e-6)
+
+
+def test_tfds_mock_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(T, "network_reachable", lambda *a, **k: True)  # mock_data downloads nothing
+    with tfds.testing.mock_data(num_examples=1):
+        train, val = T.load_tiny_shakespeare(data_dir=None, tfds_data_dir=tmp_path)
+    assert isinstance(train, str) and isinstance(val, str)

@@ -1,0 +1,127 @@
+import json
+import math
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from genjax.train.checkpoint import CheckpointError, saved_steps
+from genjax.train.loop import fit
+from helpers import tiny_gpt_task, tiny_train_config
+
+
+def leaves_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_tiny_model_overfits_a_short_text(tmp_path):
+    text = "To be, or not to be, that is the question.\n" * 8
+    task, _, _ = tiny_gpt_task(text, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    cfg = tiny_train_config(max_iters=300, eval_interval=300, learning_rate=1e-2,
+                            weight_decay=0.0)
+    result = fit(task, cfg, tmp_path / "run", progress=False)
+    first, last = result.history[0], result.history[-1]
+    assert abs(first["train_loss"] - math.log(task.meta["model"]["vocab_size"])) < 0.1
+    assert last["step"] == 300
+    assert last["train_loss"] < 0.2, last  # the short text is memorised
+
+
+def test_run_dir_records(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    fit(task, tiny_train_config(), run, config_record={"hello": 1}, progress=False)
+    assert json.loads((run / "config.json").read_text()) == {"hello": 1}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4, 8]
+    for key in ("train_loss", "val_loss", "elapsed_s", "lr"):
+        assert all(key in r for r in records)
+    assert all("tokens_per_s" in r and r["tokens_per_s"] > 0 for r in records[1:])
+    assert saved_steps(run) == [4, 8]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, play_text, dropout):
+    task, _, _ = tiny_gpt_task(play_text, dropout=dropout)
+    full = fit(task, tiny_train_config(max_iters=8), tmp_path / "full", progress=False)
+    fit(task, tiny_train_config(max_iters=4), tmp_path / "split", progress=False)
+    resumed = fit(task, tiny_train_config(max_iters=8), tmp_path / "split", resume=True,
+                  progress=False)
+    assert int(resumed.state.step) == 8
+    assert resumed.history[-1]["step"] == full.history[-1]["step"] == 8
+    for key in ("train_loss", "val_loss", "batch_loss"):
+        assert resumed.history[-1][key] == full.history[-1][key]
+    leaves_equal(full.state.params, resumed.state.params)
+    leaves_equal(full.state.opt_state, resumed.state.opt_state)
+
+
+def test_new_run_over_checkpoints_is_refused_and_touches_nothing(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(FileExistsError, match="already holds checkpoints .* pass --resume"):
+        fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fit(task, tiny_train_config(), tmp_path / "empty", resume=True, progress=False)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_resume_with_another_model_config_names_the_difference(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text, n_embd=16)
+    run = tmp_path / "run"
+    fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    other, _, _ = tiny_gpt_task(play_text, n_embd=32)
+    with pytest.raises(CheckpointError, match="n_embd: checkpoint 16 vs requested 32"):
+        fit(other, tiny_train_config(max_iters=8), run, resume=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    fit(task, tiny_train_config(max_iters=8), run, progress=False)
+    assert saved_steps(run) == [4, 8]
+    state_dir = run / "checkpoints" / "8" / "state"
+    for path in state_dir.rglob("*"):  # truncate the array data of step 8
+        if path.is_file() and "manifest" not in path.name and path.stat().st_size > 100:
+            path.write_bytes(path.read_bytes()[:10])
+    messages = []
+    result = fit(task, tiny_train_config(max_iters=8), run, resume=True, progress=False,
+                 log=messages.append)
+    assert any("checkpoint at step 8 is unreadable" in m for m in messages), messages
+    assert any("resumed" in m and "from step 4" in m for m in messages), messages
+    assert int(result.state.step) == 8
+    aside = list((run / "checkpoints_unreadable").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("8-")  # kept, not deleted
+
+
+def test_no_recompilation_after_the_first_step(tmp_path, play_text):
+    compiles = []
+    active = [True]
+
+    def listener(event, duration, **kw):
+        if active[0] and event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    task, _, _ = tiny_gpt_task(play_text)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fit(task, tiny_train_config(max_iters=4, eval_interval=4), tmp_path / "a", progress=False)
+        n_short = len(compiles)
+        fit(task, tiny_train_config(max_iters=12, eval_interval=4), tmp_path / "b",
+            progress=False)
+        n_long = len(compiles) - n_short
+    finally:
+        active[0] = False
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # Each fit compiles its steps afresh; three times the steps add no compilation.
+    assert 0 < n_long <= n_short
