@@ -24,6 +24,7 @@ from genjax.train.checkpoint import CheckpointError, load_latest
 from genjax.train.cli import override, parse_command
 from genjax.train.config import ParallelEngine, TrainConfig
 from genjax.train.loop import fit, is_main_process
+from genjax.train.parallel import split_host_into_devices
 
 # --- config: the presets -----------------------------------------------------------------
 
@@ -84,6 +85,9 @@ class Train:
     """Data-parallel engine: pmap, sharding or none (one device)."""
     devices: Optional[int] = None
     """Devices to use (default: all local devices)."""
+    host_devices: Optional[int] = None
+    """CPU only: split the host into this many XLA devices (default: the largest count
+    <= the cores that divides the batch); ignored when XLA_FLAGS already sets it."""
     data_dir: Optional[str] = None
     """Folder with input.txt or tinyshakespeare/input.txt, TFDS's manual_dir (offline);
     default: $GENJAX_DATA_DIR."""
@@ -113,6 +117,15 @@ class Sample:
     seed: int = 1337
 
 
+def setup_host_devices(args: Train) -> None:
+    """Before JAX starts: one XLA CPU device per core (see ``split_host_into_devices``).
+
+    The batch is the one of ``--preset`` (``cpu`` if unset: with an accelerator the host
+    devices are not used for training)."""
+    batch = args.batch_size or PRESETS[args.preset or "cpu"][1].batch_size
+    split_host_into_devices(batch, args.host_devices)
+
+
 def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
     """The preset named by ``args`` (or the default one) with the flags' overrides.
 
@@ -136,6 +149,7 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
 
 def train(args: Train):
     """Run the training command; returns the :class:`genjax.train.loop.FitResult`."""
+    setup_host_devices(args)
     preset, model_cfg, train_cfg = resolve(args)
     run_dir = pathlib.Path(args.run_dir or f"runs/gpt_shakespeare/{time.strftime('%Y%m%d-%H%M%S')}")
 

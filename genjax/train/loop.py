@@ -146,7 +146,8 @@ def evaluate(task: Task, engine: Engine, eval_step, params, key: jax.Array,
         sums, n = None, 0
         for j, batch in enumerate(task.eval_batches(split, split_key, start, stop)):
             m = eval_step(params, engine.put_batch(batch), jax.random.fold_in(split_key, j))
-            sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+            # One program in flight at a time (see MAX_IN_FLIGHT in fit).
+            sums = jax.block_until_ready(m if sums is None else jax.tree.map(jnp.add, sums, m))
             n += 1
         if n == 0:
             raise ValueError(f"{task.name}: split {split!r} gave no evaluation batch")
@@ -254,7 +255,13 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     try:
         for step in range(step0, cfg.max_iters):
             batch = engine.put_batch(task.train_batch(keys["data"], step, start, stop))
+            previous = metrics
             state, metrics = train_step(state, batch, jax.random.fold_in(keys["dropout"], step))
+            if previous is not None:
+                # At most two steps in flight: the host stays just ahead of the devices, and
+                # XLA:CPU's collectives cannot pile up (many queued multi-device programs
+                # can deadlock its all-reduce rendezvous).
+                jax.block_until_ready(previous)
             done = step + 1
             bar.update(1)
             if done == step0 + 1:

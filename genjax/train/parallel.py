@@ -18,8 +18,10 @@ processes (``jax.distributed``), each process supplies only its share of every b
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from genjax.train.steps import LossFn, make_eval_step, make_train_step
 
+_HOST_FLAG = "xla_force_host_platform_device_count"
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
 
@@ -176,3 +179,31 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
     devices = tuple((local + others)[:n_devices])
     mesh = Mesh(np.array(devices), (PMAP_AXIS if kind == "pmap" else MESH_AXIS,))
     return Engine(kind=kind, devices=devices, mesh=mesh)
+
+
+def split_host_into_devices(global_batch: int, n: Optional[int] = None) -> int:
+    """Expose the CPU as several XLA devices, so data parallelism keeps every core busy.
+
+    XLA's CPU backend runs the small matrix products of a model like the ``cpu`` preset
+    poorly across threads; one device per core with its share of the batch is faster
+    (``python -m experiments.benchmark_scaling``). Has effect only before JAX starts its
+    backends and when ``XLA_FLAGS`` does not already force a host device count; it does
+    not change accelerator devices (GPUs, TPUs stay as they are).
+
+    Args:
+      global_batch: the global batch; the default ``n`` divides it.
+      n: host devices wanted; default: the largest count <= the usable cores that divides
+        ``global_batch``.
+
+    Returns:
+      The host device count set, or 0 if it was left as it was.
+    """
+    if _HOST_FLAG in os.environ.get("XLA_FLAGS", ""):
+        return 0
+    if (jax._src.xla_bridge._backends or {}).get("cpu") is not None:  # already started
+        return 0
+    if n is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        n = max(d for d in range(1, max(1, cores or 1) + 1) if global_batch % d == 0)
+    chex.set_n_cpu_devices(n)
+    return n

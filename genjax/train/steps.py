@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 from flax import struct
@@ -67,7 +68,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         metrics = {"loss": loss, **metrics}
         if axis_name is not None:
-            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
+            # One all-reduce of one flat vector rather than one per leaf.
+            flat, unravel = jax.flatten_util.ravel_pytree((grads, metrics))
+            grads, metrics = unravel(jax.lax.pmean(flat, axis_name))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)

@@ -1,0 +1,151 @@
+"""Step time and throughput of the GPT ``cpu`` preset for each data-parallel engine.
+
+    python -m experiments.benchmark_scaling [--devices 1 2 4 8] [--steps 50] [--preset cpu]
+
+On a machine without accelerators each device count runs in its own process with
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (so N "devices" share the CPU
+cores: the figures show each engine's overhead, not a speed-up). With GPUs or TPUs, the
+real devices are used (counts above the available number are skipped). The train step is
+the real one of ``genjax.train`` on random tokens (vocabulary 65), timed after two
+compiling/warm-up steps; each row is the median of ``--repeats`` timings of ``--steps``
+steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Literal, Optional
+
+import tyro
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """Benchmark the data-parallel engines."""
+
+    devices: tuple[int, ...] = (1, 2, 4, 8)
+    """Device counts to measure."""
+    engines: tuple[Literal["pmap", "sharding", "none"], ...] = ("none", "pmap", "sharding")
+    """Engines to measure (none runs on one device only)."""
+    steps: int = 50
+    """Timed steps per repeat."""
+    repeats: int = 3
+    preset: Literal["cpu", "lecture"] = "cpu"
+    batch_size: Optional[int] = None
+    """Global batch size (default: the preset's, rounded up to a multiple of the largest
+    device count so that every row runs the same batch: 16 for cpu)."""
+    worker: Optional[int] = None
+    """Internal: measure in this process with this many devices and print JSON."""
+
+
+def default_batch(preset_batch: int, devices) -> int:
+    m = max(devices)
+    return -(-preset_batch // m) * m
+
+
+def measure(args: Args, n_devices: int) -> list[dict]:
+    """Time every engine on ``n_devices`` devices in this process."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.gpt_shakespeare import PRESETS
+    from genjax.data.text import CharTokenizer, TextData
+    from genjax.models.gpt import make_task
+    from genjax.train.optim import make_optimizer
+    from genjax.train.parallel import make_engine
+    from genjax.train.steps import create_train_state
+
+    model_cfg, train_cfg = PRESETS[args.preset]
+    batch = args.batch_size or default_batch(train_cfg.batch_size, args.devices)
+    if train_cfg.lr_schedule == "cosine":
+        train_cfg = dataclasses.replace(train_cfg, lr_decay_iters=train_cfg.max_iters)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (200_000,), 0, 65, dtype=jnp.int32)
+    data = TextData(CharTokenizer("".join(chr(32 + i) for i in range(65))), tokens, tokens)
+    task = make_task(dataclasses.replace(model_cfg, vocab_size=65), data, batch, 1)
+    tx, schedule = make_optimizer(train_cfg)
+    rows = []
+    for kind in args.engines:
+        if kind == "none" and n_devices != 1:
+            continue
+        try:
+            engine = make_engine(kind, n_devices, batch)
+        except ValueError as e:
+            rows.append({"engine": kind, "devices": n_devices, "error": str(e)})
+            continue
+        step_fn = engine.compile_train_step(task.loss_fn, tx, schedule)
+        state = jax.jit(lambda k: create_train_state(task.init_params(k), tx),
+                        out_shardings=engine.replicated)(jax.random.PRNGKey(0))
+        key = engine.put_replicated(jax.random.PRNGKey(1))
+        data_key = jax.random.PRNGKey(2)
+        batches = [engine.put_batch(task.train_batch(data_key, i, 0, batch)) for i in range(8)]
+        for i in range(2):  # compile and warm up
+            state, metrics = step_fn(state, batches[i], key)
+        jax.block_until_ready(metrics)
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for i in range(args.steps):
+                previous = metrics
+                state, metrics = step_fn(state, batches[i % 8], key)
+                jax.block_until_ready(previous)  # two steps in flight, as genjax.train.fit
+            jax.block_until_ready(metrics)
+            times.append((time.perf_counter() - t) / args.steps)
+        step_s = statistics.median(times)
+        rows.append({"engine": kind, "devices": n_devices, "platform": engine.devices[0].platform,
+                     "batch": batch, "per_device_batch": batch // n_devices,
+                     "step_ms": step_s * 1e3,
+                     "tokens_per_s": batch * model_cfg.block_size / step_s})
+    return rows
+
+
+def main(argv=None):
+    args = tyro.cli(Args, args=argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(measure(args, args.worker)))
+        return
+    import jax  # only to see which devices there are
+
+    platform, available = jax.default_backend(), jax.device_count()
+    rows = []
+    for n in args.devices:
+        if platform == "cpu":
+            env = dict(os.environ)
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                                + f" --xla_force_host_platform_device_count={n}").strip()
+            cmd = [sys.executable, "-m", "experiments.benchmark_scaling", "--worker", str(n),
+                   "--steps", str(args.steps), "--repeats", str(args.repeats),
+                   "--preset", args.preset, "--engines", *args.engines]
+            if args.batch_size:
+                cmd += ["--batch-size", str(args.batch_size)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if out.returncode or not line:
+                raise SystemExit(f"worker for {n} devices failed:\n{out.stderr[-3000:]}")
+            rows += json.loads(line[-1][7:])
+        elif n <= available:
+            rows += measure(args, n)
+        else:
+            print(f"skipping {n} devices: only {available} {platform} device(s)")
+    base = {r["engine"]: r["step_ms"] for r in rows if r["devices"] == 1 and "step_ms" in r}
+    one = base.get("none") or next(iter(base.values()), None)
+    print(f"\nGPT preset {args.preset}, platform {platform}, {args.steps} steps x {args.repeats}")
+    print("| engine | devices | global batch | per device | step (ms) | tokens/s | vs 1-device jit |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['engine']} | {r['devices']} | - | - | error: {r['error']} | | |")
+            continue
+        ratio = f"{r['step_ms'] / one:.2f}x" if one else "-"
+        print(f"| {r['engine']} | {r['devices']} | {r['batch']} | {r['per_device_batch']} | "
+              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
