@@ -1,0 +1,118 @@
+"""The data-parallel engines on 8 CPU devices (forced in conftest.py)."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from genjax.train.loop import fit
+from genjax.train.parallel import make_engine
+from genjax.train.steps import create_train_state
+from helpers import tiny_gpt_task, tiny_train_config
+
+ENGINES = ["pmap", "sharding"]
+
+
+def test_eight_devices_are_there():
+    assert jax.device_count() == 8
+
+
+def one_step(task, kind, n_devices, batch, key):
+    tx = optax.adamw(1e-2, weight_decay=0.01)
+    engine = make_engine(kind, n_devices, batch[0].shape[0])
+    params = task.init_params(jax.random.PRNGKey(0))
+    state = engine.put_replicated(create_train_state(params, tx))
+    step = engine.compile_train_step(task.loss_fn, tx)
+    return step(state, engine.put_batch(batch), engine.put_replicated(key))
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_eight_devices_equal_one_device(kind, play_text):
+    task, _, _ = tiny_gpt_task(play_text, dropout=0.0, batch_size=16)
+    batch = task.train_batch(jax.random.PRNGKey(3), 0, 0, 16)
+    ref_state, ref_metrics = one_step(task, "none", 1, batch, jax.random.PRNGKey(4))
+    state, metrics = one_step(task, kind, 8, batch, jax.random.PRNGKey(4))
+    chex.assert_trees_all_close(jax.device_get(state.params), jax.device_get(ref_state.params),
+                                atol=1e-5)
+    assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) < 1e-5
+    assert int(state.step) == 1
+
+
+class _Masks:
+    """A loss whose metric is the mean dropout mask over the batch rows."""
+
+    @staticmethod
+    def loss_fn(params, batch, key, train):
+        mask = nn.Dropout(0.5).apply({}, batch, deterministic=False, rngs={"dropout": key})
+        return jnp.mean(mask * params["w"]), {"mask": mask.mean(axis=0)}
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_dropout_masks_differ_across_devices_and_steps(kind):
+    engine = make_engine(kind, 8, 8)  # one row per device
+    tx = optax.sgd(0.0)
+    state = engine.put_replicated(create_train_state({"w": jnp.ones((64,))}, tx))
+    step = engine.compile_train_step(_Masks.loss_fn, tx)
+    batch = engine.put_batch(jnp.ones((8, 64)))
+    dropout_key = jax.random.PRNGKey(0)
+    masks = []
+    for k in range(2):  # the loop's keys: fold_in(dropout_key, step)
+        key = engine.put_replicated(jax.random.fold_in(dropout_key, k))
+        state, metrics = step(state, batch, key)
+        masks.append(np.asarray(metrics["mask"]))
+    for m in masks:
+        # With a mask shared by all devices each entry would be 0 or 2 (= 1 / keep rate).
+        assert ((m > 0.01) & (m < 1.99)).any(), m
+    assert not np.array_equal(masks[0], masks[1])
+    again = step(state, batch, engine.put_replicated(jax.random.fold_in(dropout_key, 0)))[1]
+    np.testing.assert_array_equal(np.asarray(again["mask"]), masks[0])
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+def test_replicas_stay_identical(kind, tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text, dropout=0.3, batch_size=16)
+    cfg = tiny_train_config(parallel=kind, devices=8, batch_size=16, max_iters=3,
+                            eval_interval=3)
+    result = fit(task, cfg, tmp_path / "run", progress=False)
+    for leaf in jax.tree.leaves(result.state.params):
+        shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+        assert len(shards) == 8
+        for s in shards[1:]:
+            np.testing.assert_array_equal(s, shards[0])
+
+
+@pytest.mark.parametrize("first, second", [
+    (dict(parallel="pmap", devices=8), dict(parallel="none", devices=1)),
+    (dict(parallel="none", devices=1), dict(parallel="sharding", devices=8)),
+])
+def test_checkpoints_move_between_device_counts(first, second, tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text, dropout=0.0, batch_size=16)
+    cfg = dict(batch_size=16, max_iters=8, eval_interval=4)
+    full = fit(task, tiny_train_config(**cfg, **first), tmp_path / "full", progress=False)
+    fit(task, tiny_train_config(**{**cfg, "max_iters": 4}, **first), tmp_path / "moved",
+        progress=False)
+    resumed = fit(task, tiny_train_config(**cfg, **second), tmp_path / "moved", resume=True,
+                  progress=False)
+    assert int(resumed.state.step) == 8
+    assert resumed.engine.n_devices == second["devices"]
+    for key in ("train_loss", "val_loss", "batch_loss"):
+        assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], abs=1e-5)
+    chex.assert_trees_all_close(jax.device_get(resumed.state.params),
+                                jax.device_get(full.state.params), atol=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_refused_before_compiling():
+    with pytest.raises(ValueError, match="global batch size 10 is not divisible by the 8 devices"):
+        make_engine("pmap", 8, 10)
+    with pytest.raises(ValueError, match="--devices 9 exceeds the 8 available"):
+        make_engine("sharding", 9, 72)
+    with pytest.raises(ValueError, match="--parallel none runs on one device"):
+        make_engine("none", 2, 8)
+
+
+def test_engine_summary_names_engine_devices_and_per_device_batch():
+    assert "engine=sharding devices=4 (cpu) processes=1 global_batch=16 per_device_batch=4" in \
+        make_engine("sharding", 4, 16).describe(16)
