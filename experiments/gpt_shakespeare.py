@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import time
 from typing import Literal, Optional
 
 import jax
@@ -21,10 +20,9 @@ from genjax.data.text import CharTokenizer, load_text_data
 from genjax.data.tfds import DataUnavailableError
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
 from genjax.train.checkpoint import CheckpointError, load_latest
-from genjax.train.cli import override, parse_command
-from genjax.train.config import ParallelEngine, TrainConfig
+from genjax.train.cli import RunArgs, override, parse_command, say, schedule_over_run, start_run
+from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
-from genjax.train.parallel import split_host_into_devices
 
 # --- config: the presets -----------------------------------------------------------------
 
@@ -55,48 +53,21 @@ def default_preset() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Train:
+class Train(RunArgs):
     """Train a GPT, checkpointing to --run-dir, then print a sample."""
 
     preset: Optional[Literal["cpu", "lecture"]] = None
     """Hyperparameters to start from (default: cpu without an accelerator, else lecture)."""
-    max_iters: Optional[int] = None
-    """Total training steps (a resumed run continues up to it)."""
-    eval_interval: Optional[int] = None
-    """Evaluate and checkpoint every this many steps."""
-    eval_iters: Optional[int] = None
-    """Batches per split averaged by an evaluation."""
-    batch_size: Optional[int] = None
-    """Global batch size (all devices together)."""
     block_size: Optional[int] = None
     """Context length in characters."""
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
     n_embd: Optional[int] = None
     dropout: Optional[float] = None
-    learning_rate: Optional[float] = None
-    """Peak learning rate."""
-    min_lr: Optional[float] = None
-    """Final learning rate of the cosine schedule."""
-    warmup_iters: Optional[int] = None
-    """Warm-up steps of the cosine schedule."""
-    seed: Optional[int] = None
-    parallel: Optional[ParallelEngine] = None
-    """Data-parallel engine: pmap, sharding or none (one device)."""
-    devices: Optional[int] = None
-    """Devices to use (default: all local devices)."""
-    host_devices: Optional[int] = None
-    """CPU only: split the host into this many XLA devices (default: the largest count
-    <= the cores that divides the batch); ignored when XLA_FLAGS already sets it."""
-    data_dir: Optional[str] = None
-    """Folder with input.txt or tinyshakespeare/input.txt, TFDS's manual_dir (offline);
-    default: $GENJAX_DATA_DIR."""
     text_file: Optional[str] = None
-    """Train on this UTF-8 text file instead (first 90% train, last 10% validation)."""
-    run_dir: Optional[str] = None
-    """Run directory (default: runs/gpt_shakespeare/<date-time>)."""
-    resume: bool = False
-    """Continue the latest checkpoint of --run-dir."""
+    """Train on this UTF-8 text file instead of Tiny Shakespeare (first 90% train, last
+    10% validation); --data-dir: a folder with input.txt or tinyshakespeare/input.txt, given
+    to TFDS as its manual_dir."""
     max_new_tokens: int = 500
     """Length of the sample printed at the end."""
 
@@ -117,13 +88,11 @@ class Sample:
     seed: int = 1337
 
 
-def setup_host_devices(args: Train) -> None:
-    """Before JAX starts: one XLA CPU device per core (see ``split_host_into_devices``).
-
-    The batch is the one of ``--preset`` (``cpu`` if unset: with an accelerator the host
-    devices are not used for training)."""
+def setup(args: Train) -> pathlib.Path:
+    """Before JAX starts: distributed set-up and one XLA CPU device per core, for the batch
+    of --preset (``cpu`` if unset: with an accelerator the host devices are not used)."""
     batch = args.batch_size or PRESETS[args.preset or "cpu"][1].batch_size
-    split_host_into_devices(batch, args.host_devices)
+    return start_run(args, batch, "gpt_shakespeare")
 
 
 def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
@@ -136,12 +105,7 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
     model, train = PRESETS[preset]
     model = override(model, args)
     train = override(train, args)
-    if train.lr_schedule == "cosine":
-        if train.warmup_iters >= train.max_iters:
-            raise ValueError(f"warmup_iters={train.warmup_iters} must be below max_iters="
-                             f"{train.max_iters}: pass a smaller --warmup-iters")
-        train = dataclasses.replace(train, lr_decay_iters=train.max_iters)
-    return preset, model, train
+    return preset, model, schedule_over_run(train)
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -149,20 +113,19 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
 
 def train(args: Train):
     """Run the training command; returns the :class:`genjax.train.loop.FitResult`."""
-    setup_host_devices(args)
+    run_dir = setup(args)
     preset, model_cfg, train_cfg = resolve(args)
-    run_dir = pathlib.Path(args.run_dir or f"runs/gpt_shakespeare/{time.strftime('%Y%m%d-%H%M%S')}")
 
     # data
     data = load_text_data(model_cfg.block_size, data_dir=args.data_dir, text_file=args.text_file)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
-    print(f"preset {preset}; {len(data.train):,} training / {len(data.val):,} validation "
-          f"characters, vocabulary {data.tokenizer.vocab_size}; run dir {run_dir}")
+    say(f"preset {preset}; {len(data.train):,} training / {len(data.val):,} validation "
+        f"characters, vocabulary {data.tokenizer.vocab_size}; run dir {run_dir}")
 
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, train_cfg.eval_iters)
     n_params = count_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-    print(f"GPT with {n_params / 1e6:.6f} M parameters")
+    say(f"GPT with {n_params / 1e6:.6f} M parameters")
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg),
               "data": {"data_dir": args.data_dir, "text_file": args.text_file},

@@ -48,3 +48,11 @@ def shakespeare_dir() -> pathlib.Path:
     if not (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
         pytest.skip(f"no Tiny Shakespeare under {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> pathlib.Path:
+    """``../shared/data`` when it holds the MNIST test set; the test skips otherwise."""
+    if not (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"no MNIST under {SHARED_DATA}")
+    return SHARED_DATA

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import sys
-from typing import Annotated, Mapping, Optional, Sequence, TypeVar, Union
+import time
+from typing import Annotated, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import tyro
 
@@ -33,3 +35,84 @@ def override(config: T, overrides) -> T:
     changes = {f.name: getattr(overrides, f.name) for f in dataclasses.fields(overrides)
                if f.name in names and getattr(overrides, f.name) is not None}
     return dataclasses.replace(config, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunArgs:
+    """Flags every training experiment has (None: the preset's value)."""
+
+    max_iters: Optional[int] = None
+    """Total training steps (a resumed run continues up to it)."""
+    eval_interval: Optional[int] = None
+    """Evaluate and checkpoint every this many steps."""
+    eval_iters: Optional[int] = None
+    """Batches per split averaged by an evaluation."""
+    batch_size: Optional[int] = None
+    """Global batch size (all devices together)."""
+    learning_rate: Optional[float] = None
+    """Peak learning rate."""
+    min_lr: Optional[float] = None
+    """Final learning rate of the cosine schedule."""
+    warmup_iters: Optional[int] = None
+    """Warm-up steps of the cosine schedule."""
+    seed: Optional[int] = None
+    """Seed of every random draw of the run."""
+    parallel: Optional[Literal["pmap", "sharding", "none"]] = None
+    """Data-parallel engine: pmap, sharding or none (one device)."""
+    devices: Optional[int] = None
+    """Devices to use (default: all local devices)."""
+    host_devices: Optional[int] = None
+    """CPU only: split the host into this many XLA devices (default: the largest count
+    <= the cores that divides the batch); ignored when XLA_FLAGS already sets it."""
+    distributed: bool = False
+    """Multi-host: call jax.distributed.initialize() first (run the same command on every
+    host with the same --run-dir; each host loads only its share of every batch)."""
+    data_dir: Optional[str] = None
+    """Offline data folder (default: $GENJAX_DATA_DIR)."""
+    run_dir: Optional[str] = None
+    """Run directory (default: runs/<experiment>/<date-time>)."""
+    resume: bool = False
+    """Continue the latest checkpoint of --run-dir."""
+
+
+def schedule_over_run(train):
+    """A cosine schedule decays over the whole run: ``lr_decay_iters = max_iters`` (as
+    nanoGPT's recipes); its warm-up must end before.
+
+    Raises:
+      ValueError: ``warmup_iters >= max_iters``, naming both.
+    """
+    if train.lr_schedule != "cosine":
+        return train
+    if train.warmup_iters >= train.max_iters:
+        raise ValueError(f"warmup_iters={train.warmup_iters} must be below max_iters="
+                         f"{train.max_iters}: pass a smaller --warmup-iters")
+    return dataclasses.replace(train, lr_decay_iters=train.max_iters)
+
+
+def start_run(args: RunArgs, batch_size: int, experiment: str) -> pathlib.Path:
+    """What every experiment does before JAX touches a device: ``jax.distributed``
+    initialisation (``--distributed``), the CPU host split into devices
+    (:func:`genjax.train.parallel.split_host_into_devices`); returns the run directory.
+
+    Raises:
+      ValueError: ``--distributed`` without ``--run-dir``.
+    """
+    import jax
+
+    from genjax.train.parallel import split_host_into_devices
+
+    if args.distributed:
+        if args.run_dir is None:
+            raise ValueError("--distributed needs an explicit --run-dir shared by every host")
+        jax.distributed.initialize()
+    split_host_into_devices(batch_size, args.host_devices)
+    return pathlib.Path(args.run_dir or f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def say(text: str) -> None:
+    """Print on the main process only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(text, flush=True)

@@ -227,8 +227,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         record.update(evaluate(task, engine, eval_step, state.params,
                                jax.random.fold_in(keys["eval"], step), cfg.batch_size))
         if task.report is not None:
-            record.update(task.report(engine.to_single_device(state.params),
-                                      jax.random.fold_in(keys["eval"], step), step) or {})
+            report_key = engine.to_single_device(jax.random.fold_in(keys["eval"], step))
+            record.update(task.report(engine.to_single_device(state.params), report_key,
+                                      step) or {})
         if timer["steps"]:
             record[rate_key] = timer["steps"] * items_per_step / timer["seconds"]
         record["lr"] = float(schedule(step))

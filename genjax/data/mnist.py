@@ -1,0 +1,223 @@
+"""MNIST (Y. LeCun, C. Cortes, C. J. C. Burges): IDX files or ``tensorflow-datasets``.
+
+Images come as float32 in [0, 1], shape (N, 28, 28, 1); labels as int32 (N,). Offline, a
+folder with the IDX files (``train-images-idx3-ubyte[.gz]``, ``train-labels-idx1-ubyte[.gz]``,
+``t10k-images-idx3-ubyte[.gz]``, ``t10k-labels-idx1-ubyte[.gz]``) is read directly; when it
+holds only the 10,000 test images, they are split into 9,000 for training and 1,000 held out
+(90/10) by a fixed permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+from typing import Callable, Optional
+
+import numpy as np
+
+from genjax.data.tfds import DataUnavailableError, import_tfds, network_reachable
+
+DATA_DIR_ENV = "GENJAX_DATA_DIR"
+_IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
+_FILES = {
+    "train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte",
+}
+HELDOUT_FRACTION = 0.1  # of a test-set-only folder: 10,000 images -> 9,000 / 1,000
+_TFDS_HOST = "storage.googleapis.com"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageData:
+    """Image classification data held in memory.
+
+    Attributes:
+      train_images, test_images: float32 (N, 28, 28, 1) in [0, 1].
+      train_labels, test_labels: int32 (N,).
+      source: where the data came from, in words.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    source: str = ""
+
+    def without_digit(self, digit: int) -> "ImageData":
+        """The same data with ``digit`` removed from the training split only."""
+        keep = self.train_labels != digit
+        return dataclasses.replace(self, train_images=self.train_images[keep],
+                                   train_labels=self.train_labels[keep])
+
+
+def read_idx(path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) as a uint8 array.
+
+    Raises:
+      ValueError: a wrong magic number, a wrong dtype code or a size that does not match
+        the header (truncated file), naming the file.
+    """
+    path = pathlib.Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable IDX file ({e})") from None
+    if len(raw) < 8:
+        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic not in (_IMAGES_MAGIC, _LABELS_MAGIC):
+        raise ValueError(f"{path}: magic number {magic:#010x} is not MNIST's "
+                         f"({_IMAGES_MAGIC:#010x} images, {_LABELS_MAGIC:#010x} labels)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape))
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: header says {shape} = {expected} bytes of data but the file "
+                         f"holds {len(raw) - header}: truncated or malformed")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _find(folder: pathlib.Path, stem: str) -> Optional[pathlib.Path]:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _as_float_images(raw: np.ndarray, path) -> np.ndarray:
+    if raw.ndim != 3 or raw.shape[1:] != (28, 28):
+        raise ValueError(f"{path}: images of shape {raw.shape[1:]}, expected (28, 28)")
+    return (raw.astype(np.float32) / 255.0)[..., None]
+
+
+def load_mnist_idx(data_dir, log: Callable[[str], None] = print) -> ImageData:
+    """MNIST from IDX files in ``data_dir/mnist`` or ``data_dir``.
+
+    Raises:
+      FileNotFoundError: no test image/label files there (an empty folder).
+      ValueError: a malformed file (see :func:`read_idx`) or image/label counts that differ.
+    """
+    base = pathlib.Path(data_dir).expanduser()
+    folder = next((d for d in (base / "mnist", base)
+                   if _find(d, _FILES["test_images"]) and _find(d, _FILES["test_labels"])), None)
+    if folder is None:
+        raise FileNotFoundError(f"--data-dir {data_dir}: no MNIST IDX files "
+                                f"({_FILES['test_images']}[.gz] and {_FILES['test_labels']}[.gz]) "
+                                f"in {base / 'mnist'} or {base}")
+
+    def pair(split):
+        ip, lp = _find(folder, _FILES[f"{split}_images"]), _find(folder, _FILES[f"{split}_labels"])
+        if ip is None or lp is None:
+            return None
+        images, labels = _as_float_images(read_idx(ip), ip), read_idx(lp).astype(np.int32)
+        if len(images) != len(labels):
+            raise ValueError(f"{ip} has {len(images)} images but {lp} has {len(labels)} labels")
+        return images, labels
+
+    test = pair("test")
+    train = pair("train")
+    if train is not None:
+        return ImageData(*train, *test, source=f"IDX files in {folder}")
+    n = len(test[0])
+    n_test = max(1, round(HELDOUT_FRACTION * n))
+    perm = np.random.default_rng(0).permutation(n)
+    tr, te = perm[:n - n_test], perm[n - n_test:]
+    log(f"only the {len(test[0]):,} MNIST test images are in {folder}: training on "
+        f"{len(tr):,} of them and holding out {len(te):,} (a fixed permutation)")
+    return ImageData(test[0][tr], test[1][tr], test[0][te], test[1][te],
+                     source=f"{folder}, test set split {len(tr)}/{len(te)}")
+
+
+def load_mnist(data_dir=None, tfds_data_dir=None, log: Callable[[str], None] = print) -> ImageData:
+    """MNIST from IDX files (``data_dir``, default ``$GENJAX_DATA_DIR``) or else TFDS.
+
+    Raises:
+      DataUnavailableError: no ``data_dir``, TFDS's ``mnist`` not prepared and no network.
+      FileNotFoundError, ValueError: see :func:`load_mnist_idx`.
+    """
+    data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    if data_dir is not None:
+        return load_mnist_idx(data_dir, log)
+    tfds = import_tfds()
+    builder = tfds.builder("mnist", data_dir=tfds_data_dir)
+    if not builder.is_prepared():
+        if not network_reachable(_TFDS_HOST):
+            raise DataUnavailableError(
+                "mnist is not prepared and there is no network to download it: pass "
+                "--data-dir DIR (or set GENJAX_DATA_DIR) to a folder holding the MNIST IDX "
+                "files (DIR/mnist/t10k-images-idx3-ubyte.gz ...)")
+        builder.download_and_prepare()
+
+    def split(name):
+        ds = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
+        return _as_float_images(ds["image"][..., 0], f"tfds mnist {name}"), ds["label"].astype(np.int32)
+
+    return ImageData(*split("train"), *split("test"), source="tensorflow-datasets mnist")
+
+
+def epoch_batch_indices(key, step: int, n_examples: int, batch_size: int, start: int = 0,
+                        stop: Optional[int] = None) -> np.ndarray:
+    """Indices ``[start, stop)`` of the global batch of ``step``: one epoch is one
+    permutation of the examples drawn with ``fold_in(key, epoch)``; the last incomplete
+    batch of an epoch is dropped.
+
+    Raises:
+      ValueError: ``batch_size`` larger than the number of examples.
+    """
+    import jax
+
+    steps_per_epoch = n_examples // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_examples} training examples")
+    epoch, i = divmod(step, steps_per_epoch)
+    perm = _permutation(jax.random.fold_in(key, epoch), n_examples)
+    return perm[i * batch_size: (i + 1) * batch_size][start:stop]
+
+
+_perm_cache: dict = {}
+
+
+def _permutation(key, n):
+    import jax
+
+    k = (np.asarray(key).tobytes(), n)
+    if k not in _perm_cache:
+        _perm_cache.clear()  # one epoch's permutation at a time
+        _perm_cache[k] = np.asarray(jax.random.permutation(key, n))
+    return _perm_cache[k]
+
+
+def image_batch_fns(data: ImageData, batch_size: int):
+    """The batch functions of :class:`genjax.train.loop.Task` for image data.
+
+    Returns:
+      ``(train_batch, eval_batches)``: ``train_batch(data_key, step, start, stop)`` gives
+      ``(images, labels)`` of the epoch-permuted batch of ``step`` (see
+      :func:`epoch_batch_indices`); ``eval_batches('test', key, start, stop)`` yields the
+      held-out images in order, in global batches of ``batch_size`` (a final remainder
+      smaller than a batch is left out of this running estimate).
+
+    Raises:
+      ValueError: ``batch_size`` larger than the training or the held-out set.
+    """
+    n_train, n_test = len(data.train_images), len(data.test_images)
+    if batch_size > n_train or batch_size > n_test:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_train} training or "
+                         f"{n_test} held-out images")
+
+    def train_batch(data_key, step, start, stop):
+        idx = epoch_batch_indices(data_key, step, n_train, batch_size, start, stop)
+        return data.train_images[idx], data.train_labels[idx]
+
+    def eval_batches(split, key, start, stop):
+        if split != "test":
+            raise ValueError(f"image data evaluates the 'test' split, not {split!r}")
+        for lo in range(0, n_test - batch_size + 1, batch_size):
+            yield data.test_images[lo + start:lo + stop], data.test_labels[lo + start:lo + stop]
+
+    return train_batch, eval_batches
