@@ -16,24 +16,23 @@ import dataclasses
 from typing import Literal, Optional
 
 import jax
+import tyro
 import jax.numpy as jnp
 import numpy as np
 
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
-from genjax.data.tfds import DataUnavailableError
 from genjax.models.autoencoder import (AEConfig, AutoEncoder, make_loss_fn, mse_and_psnr,
                                        reconstruction_error, roc_auc)
-from genjax.train.checkpoint import CheckpointError
-from genjax.train.cli import RunArgs, override, say, schedule_over_run, start_run
+from genjax.train.cli import RunArgs, override, run_command, say, schedule_over_run, start_run
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 from genjax import viz
 
 PRESETS: dict[str, tuple[AEConfig, TrainConfig]] = {
     "cpu": (AEConfig(latent_dim=32),
-            TrainConfig(max_iters=1500, eval_interval=500, eval_iters=1, batch_size=64,
+            TrainConfig(max_iters=800, eval_interval=200, eval_iters=1, batch_size=64,
                         learning_rate=2e-3, lr_schedule="cosine", warmup_iters=50,
-                        lr_decay_iters=1500, min_lr=1e-4, weight_decay=1e-4, seed=0)),
+                        lr_decay_iters=800, min_lr=1e-4, weight_decay=1e-4, seed=0)),
     "gpu": (AEConfig(latent_dim=32),
             TrainConfig(max_iters=10000, eval_interval=1000, eval_iters=1, batch_size=256,
                         learning_rate=2e-3, lr_schedule="cosine", warmup_iters=200,
@@ -97,13 +96,7 @@ def make_report(model: AutoEncoder, data: ImageData, run_dir, anomaly_digit, sco
 
 
 def main(argv=None):
-    import tyro
-
-    args = tyro.cli(Args, args=argv, prog="python -m experiments.autoencoder_mnist")
-    try:
-        return run(args)
-    except (ValueError, OSError, DataUnavailableError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from e
+    return run_command(run, tyro.cli(Args, args=argv, prog="python -m experiments.autoencoder_mnist"))
 
 
 def run(args: Args):

@@ -9,7 +9,6 @@ config -> data -> state -> train/eval steps -> loop, the last four in ``genjax.t
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Literal, Optional
 
@@ -17,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from genjax.data.text import CharTokenizer, load_text_data
-from genjax.data.tfds import DataUnavailableError
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
-from genjax.train.checkpoint import CheckpointError, load_latest
-from genjax.train.cli import RunArgs, override, parse_command, say, schedule_over_run, start_run
+from genjax.train.checkpoint import load_latest
+from genjax.train.cli import (RunArgs, override, parse_command, run_command, say,
+                              schedule_over_run, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -175,10 +174,7 @@ def main(argv=None):
     """Entry point; bad input ends the program with one ``error: ...`` line (exit status 1)."""
     args = parse_command({"train": Train, "sample": Sample}, default="train", argv=argv,
                          prog="python -m experiments.gpt_shakespeare")
-    try:
-        return train(args) if isinstance(args, Train) else sample(args)
-    except (ValueError, OSError, DataUnavailableError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from e
+    return run_command(train if isinstance(args, Train) else sample, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 import json
 import math
-import os
-import shutil
 
 import jax
 import numpy as np

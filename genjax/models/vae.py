@@ -113,7 +113,6 @@ def iwae_nll(model: VAE, params, x, key, k: int = 100):
     (in expectation) and the bound tightens as k grows (Burda et al., 2016).
     """
     mean, logvar = model.apply({"params": params}, x, method=VAE.encode)   # (B, L)
-    L = mean.shape[-1]
 
     def one(key_i):
         z = reparameterize(key_i, mean, logvar)                            # (B, L)
@@ -125,5 +124,4 @@ def iwae_nll(model: VAE, params, x, key, k: int = 100):
         return log_px + log_pz - log_qz                                    # (B,)
 
     log_w = jax.lax.map(one, jax.random.split(key, k))                     # (k, B)
-    del L
     return -(jax.nn.logsumexp(log_w, axis=0) - jnp.log(k))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp

@@ -28,6 +28,18 @@ def parse_command(commands: Mapping[str, type], default: str,
     return tyro.cli(union, args=argv, prog=prog)
 
 
+def run_command(fn, args):
+    """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
+    checkpoints) ends the program with one ``error: ...`` line and exit status 1."""
+    from genjax.data.tfds import DataUnavailableError
+    from genjax.train.checkpoint import CheckpointError
+
+    try:
+        return fn(args)
+    except (ValueError, OSError, DataUnavailableError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from e
+
+
 def override(config: T, overrides) -> T:
     """``config`` with every field that ``overrides`` (a dataclass) sets to non-None and
     ``config`` also has."""

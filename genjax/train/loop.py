@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, saved_steps
@@ -213,13 +212,13 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     items_per_step = cfg.batch_size * task.items_per_example
     rate_key = f"{task.item_name}_per_s"
     # Throughput counts training steps only: not compilation, evaluation or checkpoints.
-    timer = {"mark": time.perf_counter(), "untimed": 0, "steps": 0, "seconds": 0.0}
+    timer = {"mark": time.perf_counter(), "pending": 0, "steps": 0, "seconds": 0.0}
 
     def measure() -> float:
         now = time.perf_counter()
         timer["seconds"] += now - timer["mark"]
-        timer["steps"] += timer["untimed"]
-        timer["mark"], timer["untimed"] = now, 0
+        timer["steps"] += timer["pending"]
+        timer["mark"], timer["pending"] = now, 0
         return timer["steps"] * items_per_step / max(timer["seconds"], 1e-9)
 
     def do_eval(step: int, last_metrics) -> None:
@@ -269,7 +268,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
                 jax.block_until_ready(metrics)  # the first step compiles: not timed
                 timer["mark"] = time.perf_counter()
             else:
-                timer["untimed"] += 1
+                timer["pending"] += 1
             at_eval = done % cfg.eval_interval == 0 or done == cfg.max_iters
             if at_eval or done % cfg.log_interval == 0:
                 loss = float(metrics["loss"])  # waits for the device

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -41,7 +40,7 @@ class Engine:
 
     Attributes:
       kind: ``pmap``, ``sharding`` or ``none``.
-      devices: the devices used, this process's first (all of them for one process).
+      devices: the devices used, in ``jax.devices()`` order.
       mesh: a 1-D mesh over ``devices``.
     """
 
@@ -173,10 +172,9 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
     if global_batch is not None and global_batch % n_devices:
         raise ValueError(f"global batch size {global_batch} is not divisible by the "
                          f"{n_devices} devices: choose a multiple of {n_devices}")
-    # This process's devices first: pmap maps over the local ones.
-    local = [d for d in available if d.process_index == jax.process_index()]
-    others = [d for d in available if d.process_index != jax.process_index()]
-    devices = tuple((local + others)[:n_devices])
+    # jax.devices() order (grouped by process) on every process, so that process i's
+    # examples [i * B / P, (i + 1) * B / P) land on its own devices.
+    devices = tuple(available[:n_devices])
     mesh = Mesh(np.array(devices), (PMAP_AXIS if kind == "pmap" else MESH_AXIS,))
     return Engine(kind=kind, devices=devices, mesh=mesh)
 
