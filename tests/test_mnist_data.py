@@ -88,3 +88,21 @@ def test_one_epoch_is_one_permutation():
                                   M.epoch_batch_indices(key, 2, 20, 5)[1:3])
     with pytest.raises(ValueError, match="batch size 30 exceeds the 20"):
         M.epoch_batch_indices(key, 0, 20, 30)
+
+
+def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.delenv(M.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(M, "network_reachable", lambda *a, **k: True)  # mock_data downloads nothing
+    with tfds.testing.mock_data(num_examples=12):
+        data = M.load_mnist(None, tfds_data_dir=tmp_path)
+    assert data.train_images.shape == (12, 28, 28, 1) and data.test_images.shape == (12, 28, 28, 1)
+    assert data.train_images.dtype == np.float32 and 0 <= data.train_images.min() <= data.train_images.max() <= 1
+    assert data.train_labels.dtype == np.int32 and data.source == "tensorflow-datasets mnist"
+
+
+def test_tfds_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv(M.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(M, "network_reachable", lambda *a, **k: False)
+    with pytest.raises(M.DataUnavailableError, match="--data-dir DIR \\(or set GENJAX_DATA_DIR\\)"):
+        M.load_mnist(None, tfds_data_dir=tmp_path)

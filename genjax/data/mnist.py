@@ -154,8 +154,10 @@ def load_mnist(data_dir=None, tfds_data_dir=None, log: Callable[[str], None] = p
         builder.download_and_prepare()
 
     def split(name):
-        ds = tfds.as_numpy(builder.as_dataset(split=name, batch_size=-1))
-        return _as_float_images(ds["image"][..., 0], f"tfds mnist {name}"), ds["label"].astype(np.int32)
+        parts = list(tfds.as_numpy(builder.as_dataset(split=name, batch_size=10_000)))
+        images = np.concatenate([p["image"] for p in parts])[..., 0]
+        labels = np.concatenate([p["label"] for p in parts]).astype(np.int32)
+        return _as_float_images(images, f"tfds mnist {name}"), labels
 
     return ImageData(*split("train"), *split("test"), source="tensorflow-datasets mnist")
 
