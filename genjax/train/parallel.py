@@ -175,7 +175,8 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
     # jax.devices() order (grouped by process) on every process, so that process i's
     # examples [i * B / P, (i + 1) * B / P) land on its own devices.
     devices = tuple(available[:n_devices])
-    mesh = Mesh(np.array(devices), (PMAP_AXIS if kind == "pmap" else MESH_AXIS,))
+    mesh = jax.make_mesh((n_devices,), (PMAP_AXIS if kind == "pmap" else MESH_AXIS,),
+                         axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     return Engine(kind=kind, devices=devices, mesh=mesh)
 
 
