@@ -78,6 +78,7 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids.tolist())
 
     def id_of(self, char: str, default: int = 0) -> int:
+        """The id of ``char``, or ``default`` when it is not in the vocabulary."""
         return self._stoi.get(char, default)
 
 
@@ -176,6 +177,7 @@ class TextData:
     val: jax.Array
 
     def split(self, name: str) -> jax.Array:
+        """The ids of split ``train`` or ``val``; ``ValueError`` otherwise."""
         if name not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {name!r}")
         return self.train if name == "train" else self.val

@@ -24,6 +24,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(run_dir) -> pathlib.Path:
+    """``RUN_DIR/checkpoints`` as an absolute path (Orbax wants one)."""
     return pathlib.Path(run_dir).absolute() / "checkpoints"
 
 
@@ -62,9 +63,11 @@ class Checkpointer:
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
     def latest_step(self) -> Optional[int]:
+        """The newest saved step, or None."""
         return self.manager.latest_step()
 
     def read_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint ``step``."""
         return self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 

@@ -91,6 +91,7 @@ def run_keys(seed: int) -> dict:
 
 
 def is_main_process() -> bool:
+    """Whether this is process 0, the one that writes logs, configs and samples."""
     return jax.process_index() == 0
 
 
