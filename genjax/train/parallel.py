@@ -63,6 +63,8 @@ class Engine:
         return NamedSharding(self.mesh, P(self.mesh.axis_names[0]))
 
     def per_device_batch(self, global_batch: int) -> int:
+        """Examples each device takes of a global batch (divisibility is checked by
+        :func:`make_engine`)."""
         return global_batch // self.n_devices
 
     def local_share(self, global_batch: int) -> tuple[int, int]:
