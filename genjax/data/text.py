@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.data.tfds import DataUnavailableError, import_tfds, network_reachable
+from genjax.data.tfds import (DataUnavailableError, import_tensorflow, import_tfds,
+                              network_reachable)
 
 TRAIN_FRACTION = 0.9
 DATA_DIR_ENV = "GENJAX_DATA_DIR"
@@ -143,21 +144,33 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
         raise FileNotFoundError(
             f"--data-dir {data_dir}: found neither {data_dir}/tinyshakespeare/input.txt nor "
             f"{data_dir}/input.txt")
-    tfds = import_tfds()
+    tfds = import_tfds(with_tensorflow=False)
+    # Prepared as ArrayRecord, the data set is read back with ``tfds.data_source``, which
+    # needs no TensorFlow; only preparing it (once) imports TensorFlow. A copy prepared
+    # earlier as TFRecord is read as it is, through tf.data.
     builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir)
     if not builder.is_prepared():
+        builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir,
+                               file_format="array_record")
         if manual is None and not network_reachable(_SHAKESPEARE_HOST):
             raise DataUnavailableError(
                 "tiny_shakespeare is not prepared and there is no network to download it: "
                 "pass --data-dir DIR (or set GENJAX_DATA_DIR) to a folder holding "
                 "input.txt or tinyshakespeare/input.txt, or train on any file with "
                 "--text-file PATH")
+        import_tensorflow()
         config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
         builder.download_and_prepare(download_config=config)
 
     def split_text_of(split: str) -> str:
-        ds = tfds.as_numpy(builder.as_dataset(split=split))
-        return "".join(ex["text"].decode("utf-8") for ex in ds)
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            source = builder.as_data_source(split=split)
+            examples = (source[i] for i in range(len(source)))
+        else:  # prepared earlier as TFRecord: read it with tf.data
+            import_tensorflow()
+            examples = tfds.as_numpy(builder.as_dataset(split=split))
+        texts = (ex["text"] for ex in examples)  # bytes (str from TFDS's mock data)
+        return "".join(t.decode("utf-8") if isinstance(t, bytes) else t for t in texts)
 
     return split_text_of("train"), split_text_of("validation") + split_text_of("test")
 
