@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -82,6 +85,13 @@ def test_tfds_manual_dir_prepares_offline(shakespeare_dir, tmp_path):
     assert (train, val) == T.split_text(full)  # TFDS's splits are the lecture's 90/10
     assert T.CharTokenizer.from_text(train + val).vocab_size == 65
     assert math.isclose(len(train) / len(full), 0.9, abs_tol=1e-6)
+    # Prepared as ArrayRecord: a later run reads it back without importing TensorFlow.
+    code = ("import sys; from genjax.data.text import load_tiny_shakespeare as load; "
+            f"tr, va = load(tfds_data_dir={str(tmp_path)!r}); "
+            "print(len(tr), len(va), 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "GENJAX_DATA_DIR": ""}, check=True)
+    assert out.stdout.split() == ["1003854", "111540", "False"]
 
 
 def test_tfds_mock_data(tmp_path, monkeypatch):
