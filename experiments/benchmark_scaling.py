@@ -59,7 +59,7 @@ def measure(args: Args, n_devices: int) -> list[dict]:
     from genjax.models.gpt import make_task
     from genjax.train.optim import make_optimizer
     from genjax.train.parallel import make_engine
-    from genjax.train.steps import create_train_state
+    from genjax.train.steps import init_train_state
 
     model_cfg, train_cfg = PRESETS[args.preset]
     batch = args.batch_size or default_batch(train_cfg.batch_size, args.devices)
@@ -79,8 +79,7 @@ def measure(args: Args, n_devices: int) -> list[dict]:
             rows.append({"engine": kind, "devices": n_devices, "error": str(e)})
             continue
         step_fn = engine.compile_train_step(task.loss_fn, tx, schedule)
-        state = jax.jit(lambda k: create_train_state(task.init_params(k), tx),
-                        out_shardings=engine.replicated)(jax.random.PRNGKey(0))
+        state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.replicated)
         key = engine.put_replicated(jax.random.PRNGKey(1))
         data_key = jax.random.PRNGKey(2)
         batches = [engine.put_batch(task.train_batch(data_key, i, 0, batch)) for i in range(8)]

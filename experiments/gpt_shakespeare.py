@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from genjax.data.text import CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
 from genjax.train.checkpoint import load_latest
-from genjax.train.cli import (RunArgs, override, parse_command, run_command, say,
-                              schedule_over_run, start_run)
+from genjax.train.cli import (RunArgs, enable_compile_cache, override, parse_command,
+                              run_command, say, schedule_over_run, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -85,6 +85,8 @@ class Sample:
     top_k: Optional[int] = None
     """Sample among the k most likely characters only."""
     seed: int = 1337
+    compile_cache: Optional[str] = None
+    """JAX's persistent compilation cache folder; see ``train --help``."""
 
 
 def setup(args: Train) -> pathlib.Path:
@@ -159,6 +161,7 @@ def sample_text(config: GPTConfig, tokenizer: CharTokenizer, params, prompt: str
 
 def sample(args: Sample) -> str:
     """Run the sample command: continue ``args.prompt`` from the run's latest checkpoint."""
+    enable_compile_cache(args.compile_cache)
     step, state, meta = load_latest(args.run_dir)
     config = GPTConfig(**meta["model"])
     tokenizer = CharTokenizer(meta["vocab"])

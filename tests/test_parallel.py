@@ -1,5 +1,7 @@
 """The data-parallel engines on 8 CPU devices (forced in conftest.py)."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -120,3 +122,20 @@ def test_batch_not_divisible_by_devices_is_refused_before_compiling():
 def test_engine_summary_names_engine_devices_and_per_device_batch():
     assert "engine=sharding devices=4 (cpu) processes=1 global_batch=16 per_device_batch=4" in \
         make_engine("sharding", 4, 16).describe(16)
+
+
+@pytest.mark.parametrize("kind, n_devices", [("pmap", 8), ("sharding", 8), ("none", 1)])
+def test_batches_drawn_inside_the_step_equal_host_batches(kind, n_devices, tmp_path, play_text):
+    # The GPT task draws its batches inside the compiled step; drawn on the host and
+    # passed in, the same batches and dropout keys give the same run.
+    task, _, _ = tiny_gpt_task(play_text, dropout=0.1, batch_size=16)
+    assert task.batches_in_step
+    cfg = tiny_train_config(batch_size=16, max_iters=6, eval_interval=3, parallel=kind,
+                            devices=n_devices)
+    inside = fit(task, cfg, tmp_path / "inside", progress=False)
+    host = fit(dataclasses.replace(task, batches_in_step=False), cfg, tmp_path / "host",
+               progress=False)
+    assert [r["batch_loss"] for r in inside.history[1:]] == pytest.approx(
+        [r["batch_loss"] for r in host.history[1:]], abs=1e-6)
+    chex.assert_trees_all_close(jax.device_get(inside.state.params),
+                                jax.device_get(host.state.params), atol=1e-6)

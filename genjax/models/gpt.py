@@ -384,4 +384,5 @@ def make_task(config: GPTConfig, data, batch_size: int, eval_iters: int,
               "vocab": data.tokenizer.chars},
         items_per_example=T,
         item_name="tokens",
+        batches_in_step=True,  # get_batch is jax.numpy only: drawn inside the train step
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -85,6 +86,10 @@ class RunArgs:
     """Run directory (default: runs/<experiment>/<date-time>)."""
     resume: bool = False
     """Continue the latest checkpoint of --run-dir."""
+    compile_cache: Optional[str] = None
+    """Folder of JAX's persistent compilation cache, so that later runs of the same
+    programs skip compiling them (default: $GENJAX_COMPILE_CACHE, else
+    ~/.cache/genjax/xla); 'none' turns it off."""
 
 
 def schedule_over_run(train):
@@ -102,10 +107,42 @@ def schedule_over_run(train):
     return dataclasses.replace(train, lr_decay_iters=train.max_iters)
 
 
+COMPILE_CACHE_ENV = "GENJAX_COMPILE_CACHE"
+
+
+def enable_compile_cache(directory: Optional[str] = None) -> Optional[pathlib.Path]:
+    """Turn on JAX's persistent compilation cache; returns its folder (None: off).
+
+    Compiled programs that took over a second to build (train, eval and sampling steps,
+    parameter init) are stored there and loaded by later runs with the same programs,
+    JAX/XLA versions and flags: on the 2-core CPU this takes the GPT ``cpu`` preset's
+    compilation from about 20 s to a few seconds.
+
+    Args:
+      directory: the folder; ``'none'`` (or ``''``) turns the cache off. None: a folder
+        already configured for JAX (``JAX_COMPILATION_CACHE_DIR``, or set by the caller)
+        is kept, else ``$GENJAX_COMPILE_CACHE``, else ``~/.cache/genjax/xla``.
+    """
+    import jax
+
+    if directory is None:
+        if jax.config.jax_compilation_cache_dir:
+            return pathlib.Path(jax.config.jax_compilation_cache_dir)
+        directory = os.environ.get(COMPILE_CACHE_ENV)
+        if directory is None:
+            directory = str(pathlib.Path("~/.cache/genjax/xla").expanduser())
+    if directory.strip().lower() in ("", "none"):
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    return pathlib.Path(directory)
+
+
 def start_run(args: RunArgs, batch_size: int, experiment: str) -> pathlib.Path:
     """What every experiment does before JAX touches a device: ``jax.distributed``
     initialisation (``--distributed``), the CPU host split into devices
-    (:func:`genjax.train.parallel.split_host_into_devices`); returns the run directory.
+    (:func:`genjax.train.parallel.split_host_into_devices`), the persistent compilation
+    cache (:func:`enable_compile_cache`); returns the run directory.
 
     Raises:
       ValueError: ``--distributed`` without ``--run-dir``.
@@ -119,6 +156,7 @@ def start_run(args: RunArgs, batch_size: int, experiment: str) -> pathlib.Path:
             raise ValueError("--distributed needs an explicit --run-dir shared by every host")
         jax.distributed.initialize()
     split_host_into_devices(batch_size, args.host_devices)
+    enable_compile_cache(args.compile_cache)
     return pathlib.Path(args.run_dir or f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}")
 
 

@@ -27,7 +27,7 @@ from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like
 from genjax.train.config import TrainConfig
 from genjax.train.optim import make_optimizer
 from genjax.train.parallel import Engine, make_engine
-from genjax.train.steps import LossFn, TrainState, create_train_state
+from genjax.train.steps import LossFn, TrainState, create_train_state, init_train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,10 @@ class Task:
       item_name: ``tokens`` or ``images``: throughput is logged as ``{item_name}_per_s``.
       report: optional ``(params, key, step) -> dict`` called at each evaluation on
         single-device parameters, for the family's own figures and files.
+      batches_in_step: ``train_batch`` is traceable (jax.numpy only; ``step`` may be a
+        tracer): :func:`fit` then draws each global batch inside the compiled train step,
+        so the host only dispatches steps (on a 2-core CPU the host's batch work
+        otherwise competes with the devices' threads).
     """
 
     name: str
@@ -63,6 +67,7 @@ class Task:
     items_per_example: int = 1
     item_name: str = "examples"
     report: Optional[Callable[[Any, jax.Array, int], dict]] = None
+    batches_in_step: bool = False
 
 
 @dataclasses.dataclass
@@ -192,7 +197,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         state, keys = restored["train"], restored["keys"]
         log(f"resumed {run_dir} from step {step0}")
     else:
-        state = jax.jit(init_state, out_shardings=engine.replicated)(keys["init"])
+        state = init_train_state(task.init_params, tx, keys["init"], engine.replicated)
         keys = engine.put_replicated(keys)
         step0 = 0
 
@@ -204,7 +209,13 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     if not resume:
         ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
 
-    train_step = engine.compile_train_step(task.loss_fn, tx, schedule)
+    if task.batches_in_step:
+        batch_size = cfg.batch_size
+        train_step = engine.compile_train_step(
+            task.loss_fn, tx, schedule,
+            batch_fn=lambda data_key, step: task.train_batch(data_key, step, 0, batch_size))
+    else:
+        train_step = engine.compile_train_step(task.loss_fn, tx, schedule)
     eval_step = engine.compile_eval_step(task.loss_fn)
     log(f"{task.name}: {engine.describe(cfg.batch_size)}")
 
@@ -255,9 +266,12 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     metrics = None
     try:
         for step in range(step0, cfg.max_iters):
-            batch = engine.put_batch(task.train_batch(keys["data"], step, start, stop))
             previous = metrics
-            state, metrics = train_step(state, batch, jax.random.fold_in(keys["dropout"], step))
+            if task.batches_in_step:  # the same batch and key, drawn inside the step
+                state, metrics = train_step(state, keys["data"], keys["dropout"])
+            else:
+                batch = engine.put_batch(task.train_batch(keys["data"], step, start, stop))
+                state, metrics = train_step(state, batch, jax.random.fold_in(keys["dropout"], step))
             if previous is not None:
                 # At most two steps in flight: the host stays just ahead of the devices, and
                 # XLA:CPU's collectives cannot pile up (many queued multi-device programs

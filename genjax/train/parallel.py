@@ -27,7 +27,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genjax.train.steps import LossFn, make_eval_step, make_train_step
+from genjax.train.steps import (LossFn, make_batch_drawing_train_step, make_eval_step,
+                                make_train_step)
 
 _HOST_FLAG = "xla_force_host_platform_device_count"
 PMAP_AXIS = "batch"
@@ -106,19 +107,43 @@ class Engine:
     # -- compiling steps -------------------------------------------------------------
 
     def compile_train_step(self, loss_fn: LossFn, tx: optax.GradientTransformation,
-                           schedule: Optional[optax.Schedule] = None):
-        """The compiled ``(state, batch, key) -> (state, metrics)``; the state is donated.
+                           schedule: Optional[optax.Schedule] = None, batch_fn=None):
+        """The compiled train step; the state is donated.
 
-        ``state`` and the returned state and metrics are replicated arrays; ``batch`` comes
-        from :meth:`put_batch`.
+        Without ``batch_fn``: ``(state, batch, key) -> (state, metrics)``, ``batch`` from
+        :meth:`put_batch` (see :func:`genjax.train.steps.make_train_step`). With
+        ``batch_fn`` (traceable ``(data_key, step) -> global batch``): ``(state,
+        data_key, dropout_key) -> (state, metrics)``, the batch drawn inside the program
+        (see :func:`genjax.train.steps.make_batch_drawing_train_step`). ``state``, keys,
+        the returned state and metrics are replicated arrays.
         """
-        if self.kind == "pmap":
+        if batch_fn is not None:
+            step = make_batch_drawing_train_step(
+                loss_fn, tx, batch_fn, schedule,
+                axis_name=PMAP_AXIS if self.kind == "pmap" else None,
+                n_shares=self.n_devices,
+                batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
+            batch_axes, batch_sharding = None, self.replicated
+        elif self.kind == "pmap":
             step = make_train_step(loss_fn, tx, schedule, axis_name=PMAP_AXIS)
-            return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None),
+            batch_axes = 0
+        else:
+            step = make_train_step(loss_fn, tx, schedule)
+            batch_sharding = self.batch_sharding
+        if self.kind == "pmap" and batch_fn is not None:
+            # pmap needs one mapped argument: each device's index, otherwise unused.
+            mapped = jax.pmap(lambda state, data_key, dropout_key, _: step(state, data_key,
+                                                                          dropout_key),
+                              axis_name=PMAP_AXIS, in_axes=(None, None, None, 0),
+                              out_axes=(None, None), devices=self.devices, donate_argnums=0)
+            indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
+            return lambda state, data_key, dropout_key: mapped(state, data_key, dropout_key,
+                                                               indices)
+        if self.kind == "pmap":
+            return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, batch_axes, None),
                             out_axes=(None, None), devices=self.devices, donate_argnums=0)
-        step = make_train_step(loss_fn, tx, schedule)
         if self.kind == "sharding":
-            return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+            return jax.jit(step, in_shardings=(self.replicated, batch_sharding, self.replicated),
                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         return jax.jit(step, donate_argnums=0)
 

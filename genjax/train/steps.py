@@ -43,6 +43,23 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+# Programs that run once (parameter init) are compiled without XLA's backend optimisation:
+# on a 2-core CPU this halves their compile time (GPT cpu preset: 6.7 s -> 3.6 s).
+RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def init_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                     key: jax.Array, sharding=None) -> TrainState:
+    """A fresh :class:`TrainState`: ``init_params(key)``, then the optimizer state.
+
+    The init program runs once, so it is compiled with :data:`RUN_ONCE_COMPILER_OPTIONS`
+    (the same random draws; float rounding may differ from an optimised build in the last
+    bit). ``sharding``: where the state goes (replicated over the engine's devices).
+    """
+    params = jax.jit(init_params, compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
+    return jax.jit(lambda p: create_train_state(p, tx), out_shardings=sharding)(params)
+
+
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: Optional[optax.Schedule] = None,
                     axis_name: Optional[str] = None):
@@ -79,6 +96,44 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
+
+
+def make_batch_drawing_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+                                  batch_fn: Callable[[jax.Array, jax.Array], Any],
+                                  schedule: Optional[optax.Schedule] = None,
+                                  axis_name: Optional[str] = None, n_shares: int = 1,
+                                  batch_sharding=None):
+    """Build ``(state, data_key, dropout_key) -> (state, metrics)``, drawing its own batch.
+
+    The same step as :func:`make_train_step`, but the global batch of step ``state.step``
+    is drawn inside the program, ``batch_fn(data_key, state.step)``, and the dropout key
+    is ``fold_in(dropout_key, state.step)``: the very batches and keys that the host
+    would pass (see :func:`genjax.train.loop.fit`), without any host work per step.
+
+    Args:
+      batch_fn: ``(data_key, step) -> batch``, traceable (``step`` is an int32 tracer),
+        returning the global batch (leading axis: the global batch size).
+      axis_name, n_shares: under ``jax.pmap``, each of the ``n_shares`` devices keeps
+        its contiguous share of the global batch (by ``lax.axis_index``).
+      batch_sharding: under ``jax.jit`` with a mesh, the batch's sharding constraint.
+    """
+    train_step = make_train_step(loss_fn, tx, schedule, axis_name)
+
+    def step(state: TrainState, data_key, dropout_key):
+        batch = batch_fn(data_key, state.step)  # the global batch of this step
+        if axis_name is not None:
+            index = jax.lax.axis_index(axis_name)
+
+            def share(x):
+                size = x.shape[0] // n_shares
+                return jax.lax.dynamic_slice_in_dim(x, index * size, size)
+
+            batch = jax.tree.map(share, batch)
+        elif batch_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        return train_step(state, batch, jax.random.fold_in(dropout_key, state.step))
+
+    return step
 
 
 def make_eval_step(loss_fn: LossFn, axis_name: Optional[str] = None):
