@@ -6,9 +6,9 @@ On a machine without accelerators each device count runs in its own process with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (so N "devices" share the CPU
 cores: the figures show each engine's overhead, not a speed-up). With GPUs or TPUs, the
 real devices are used (counts above the available number are skipped). The train step is
-the real one of ``genjax.train`` on random tokens (vocabulary 65), timed after two
-compiling/warm-up steps; each row is the median of ``--repeats`` timings of ``--steps``
-steps.
+the real one of ``genjax.train.fit`` (batches drawn inside the step) on random tokens
+(vocabulary 65), timed after two compiling/warm-up steps; each row is the median of
+``--repeats`` timings of ``--steps`` steps.
 """
 
 from __future__ import annotations
@@ -78,20 +78,22 @@ def measure(args: Args, n_devices: int) -> list[dict]:
         except ValueError as e:
             rows.append({"engine": kind, "devices": n_devices, "error": str(e)})
             continue
-        step_fn = engine.compile_train_step(task.loss_fn, tx, schedule)
+        # The step genjax.train.fit runs: the GPT's batches are drawn inside it.
+        step_fn = engine.compile_train_step(
+            task.loss_fn, tx, schedule,
+            batch_fn=lambda data_key, step: task.train_batch(data_key, step, 0, batch))
         state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.replicated)
-        key = engine.put_replicated(jax.random.PRNGKey(1))
-        data_key = jax.random.PRNGKey(2)
-        batches = [engine.put_batch(task.train_batch(data_key, i, 0, batch)) for i in range(8)]
+        data_key = engine.put_replicated(jax.random.PRNGKey(2))
+        dropout_key = engine.put_replicated(jax.random.PRNGKey(1))
         for i in range(2):  # compile and warm up
-            state, metrics = step_fn(state, batches[i], key)
+            state, metrics = step_fn(state, data_key, dropout_key)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
             for i in range(args.steps):
                 previous = metrics
-                state, metrics = step_fn(state, batches[i % 8], key)
+                state, metrics = step_fn(state, data_key, dropout_key)
                 jax.block_until_ready(previous)  # two steps in flight, as genjax.train.fit
             jax.block_until_ready(metrics)
             times.append((time.perf_counter() - t) / args.steps)
