@@ -139,3 +139,12 @@ def test_batches_drawn_inside_the_step_equal_host_batches(kind, n_devices, tmp_p
         [r["batch_loss"] for r in host.history[1:]], abs=1e-6)
     chex.assert_trees_all_close(jax.device_get(inside.state.params),
                                 jax.device_get(host.state.params), atol=1e-6)
+
+
+def test_scaling_benchmark_measures_the_fit_step():
+    from experiments.benchmark_scaling import Args, measure
+
+    rows = measure(Args(steps=2, repeats=1, batch_size=16, engines=("pmap", "none")), 8)
+    assert [(r["engine"], r["devices"], r["per_device_batch"]) for r in rows] == [("pmap", 8, 2)]
+    assert rows[0]["step_ms"] > 0 and rows[0]["tokens_per_s"] == pytest.approx(
+        16 * 64 / (rows[0]["step_ms"] / 1e3))
