@@ -108,3 +108,62 @@ def test_sequence_longer_than_block_size_raises():
     params = model.init_params(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="sequence length 17 exceeds block_size=16"):
         model.apply({"params": params}, jnp.zeros((1, 17), jnp.int32))
+
+
+def _load_into_torch(tmodel, params):
+    """Copy genjax GPT parameters into the lecture's PyTorch model (Linear weights are the
+    transposed Dense kernels; head h's key/query/value are row h of the batched kernels)."""
+    import torch
+
+    def put(t, a):
+        with torch.no_grad():
+            t.copy_(torch.tensor(np.asarray(a)))
+
+    put(tmodel.token_embedding_table.weight, params["token_embedding_table"]["embedding"])
+    put(tmodel.position_embedding_table.weight, params["position_embedding_table"]["embedding"])
+    for i, block in enumerate(tmodel.blocks):
+        p = params[f"blocks_{i}"]
+        for ln in ("ln1", "ln2"):
+            put(getattr(block, ln).weight, p[ln]["scale"])
+            put(getattr(block, ln).bias, p[ln]["bias"])
+        for h, head in enumerate(block.sa.heads):
+            for name in ("key", "query", "value"):
+                put(getattr(head, name).weight, p["sa"]["heads"][name]["kernel"][h].T)
+        put(block.sa.proj.weight, p["sa"]["proj"]["kernel"].T)
+        put(block.sa.proj.bias, p["sa"]["proj"]["bias"])
+        for j, dense in ((0, "Dense_0"), (2, "Dense_1")):
+            put(block.ffwd.net[j].weight, p["ffwd"][dense]["kernel"].T)
+            put(block.ffwd.net[j].bias, p["ffwd"][dense]["bias"])
+    put(tmodel.ln_f.weight, params["ln_f"]["scale"])
+    put(tmodel.ln_f.bias, params["ln_f"]["bias"])
+    put(tmodel.lm_head.weight, params["lm_head"]["kernel"].T)
+    put(tmodel.lm_head.bias, params["lm_head"]["bias"])
+
+
+def test_same_logits_and_loss_as_the_lectures_pytorch_model():
+    torch = pytest.importorskip("torch")
+    from experiments.benchmark_torch import build_torch_gpt
+
+    lecture = GPTConfig(vocab_size=65)  # the lecture's hyperparameters
+    assert sum(p.numel() for p in build_torch_gpt(lecture).parameters()) == 10_788_929
+
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+    params = GPT(cfg).init_params(jax.random.PRNGKey(0))
+    tmodel = build_torch_gpt(cfg)
+    _load_into_torch(tmodel, params)
+    idx = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, 65)
+    targets = jnp.roll(idx, -1, axis=1)
+    logits = GPT(cfg).apply({"params": params}, idx)
+    t_logits, t_loss = tmodel(torch.tensor(np.asarray(idx)).long(),
+                              torch.tensor(np.asarray(targets)).long())
+    np.testing.assert_allclose(np.asarray(logits), t_logits.detach().numpy(), atol=1e-5)
+    assert float(cross_entropy_loss(logits, targets)) == pytest.approx(t_loss.item(), abs=1e-5)
+
+
+def test_torch_benchmark_times_the_preset_step():
+    pytest.importorskip("torch")
+    from experiments.benchmark_torch import Args, measure_torch
+
+    row = measure_torch(Args(steps=1, repeats=1))
+    assert row["framework"].startswith("torch") and row["step_ms"] > 0
+    assert row["tokens_per_s"] == pytest.approx(12 * 64 / (row["step_ms"] / 1e3))
