@@ -1,7 +1,5 @@
 """The data-parallel engines on 8 CPU devices (forced in conftest.py)."""
 
-import dataclasses
-
 import chex
 import flax.linen as nn
 import jax
@@ -124,21 +122,31 @@ def test_engine_summary_names_engine_devices_and_per_device_batch():
         make_engine("sharding", 4, 16).describe(16)
 
 
-@pytest.mark.parametrize("kind, n_devices", [("pmap", 8), ("sharding", 8), ("none", 1)])
-def test_batches_drawn_inside_the_step_equal_host_batches(kind, n_devices, tmp_path, play_text):
-    # The GPT task draws its batches inside the compiled step; drawn on the host and
-    # passed in, the same batches and dropout keys give the same run.
+def test_batches_drawn_inside_the_step_equal_host_batches(play_text):
+    # The GPT task draws its batches inside the compiled step (as fit runs it); drawn on
+    # the host and passed in, the same batches and dropout keys give the same steps. Here
+    # under pmap, where each device slices its share; the other engines' in-step runs are
+    # compared with pmap's in test_checkpoints_move_between_device_counts.
     task, _, _ = tiny_gpt_task(play_text, dropout=0.1, batch_size=16)
     assert task.batches_in_step
-    cfg = tiny_train_config(batch_size=16, max_iters=6, eval_interval=3, parallel=kind,
-                            devices=n_devices)
-    inside = fit(task, cfg, tmp_path / "inside", progress=False)
-    host = fit(dataclasses.replace(task, batches_in_step=False), cfg, tmp_path / "host",
-               progress=False)
-    assert [r["batch_loss"] for r in inside.history[1:]] == pytest.approx(
-        [r["batch_loss"] for r in host.history[1:]], abs=1e-6)
-    chex.assert_trees_all_close(jax.device_get(inside.state.params),
-                                jax.device_get(host.state.params), atol=1e-6)
+    tx = optax.adamw(1e-2, weight_decay=0.01)
+    engine = make_engine("pmap", 8, 16)
+    inside = engine.compile_train_step(
+        task.loss_fn, tx, batch_fn=lambda key, step: task.train_batch(key, step, 0, 16))
+    host = engine.compile_train_step(task.loss_fn, tx)
+    fresh = lambda: engine.put_replicated(  # noqa: E731 - two states: steps donate them
+        create_train_state(task.init_params(jax.random.PRNGKey(0)), tx))
+    state_in, state_host = fresh(), fresh()
+    data_key = engine.put_replicated(jax.random.PRNGKey(1))
+    dropout_key = engine.put_replicated(jax.random.PRNGKey(2))
+    for step in range(3):
+        state_in, m_in = inside(state_in, data_key, dropout_key)
+        batch = engine.put_batch(task.train_batch(data_key, step, 0, 16))
+        state_host, m_host = host(state_host, batch, jax.random.fold_in(dropout_key, step))
+        assert float(m_in["loss"]) == pytest.approx(float(m_host["loss"]), abs=1e-6)
+    assert int(state_in.step) == 3
+    chex.assert_trees_all_close(jax.device_get(state_in.params),
+                                jax.device_get(state_host.params), atol=1e-6)
 
 
 def test_scaling_benchmark_measures_the_fit_step():

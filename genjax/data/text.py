@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import pathlib
 from typing import Optional, Sequence
@@ -149,9 +150,11 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
     # needs no TensorFlow; only preparing it (once) imports TensorFlow. A copy prepared
     # earlier as TFRecord is read as it is, through tf.data.
     builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir)
-    if not builder.is_prepared():
+    if not builder.is_prepared() and importlib.util.find_spec("array_record") is not None:
+        # (array_record, a TFDS dependency on Linux only: elsewhere TFRecord is kept)
         builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir,
                                file_format="array_record")
+    if not builder.is_prepared():
         if manual is None and not network_reachable(_SHAKESPEARE_HOST):
             raise DataUnavailableError(
                 "tiny_shakespeare is not prepared and there is no network to download it: "
@@ -166,7 +169,7 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
         if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
             source = builder.as_data_source(split=split)
             examples = (source[i] for i in range(len(source)))
-        else:  # prepared earlier as TFRecord: read it with tf.data
+        else:  # TFRecord (prepared earlier, or without array_record): tf.data
             import_tensorflow()
             examples = tfds.as_numpy(builder.as_dataset(split=split))
         texts = (ex["text"] for ex in examples)  # bytes (str from TFDS's mock data)

@@ -117,33 +117,32 @@ class Engine:
         (see :func:`genjax.train.steps.make_batch_drawing_train_step`). ``state``, keys,
         the returned state and metrics are replicated arrays.
         """
-        if batch_fn is not None:
+        if batch_fn is None:
+            if self.kind == "pmap":
+                step = make_train_step(loss_fn, tx, schedule, axis_name=PMAP_AXIS)
+                return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None),
+                                out_axes=(None, None), devices=self.devices, donate_argnums=0)
+            step = make_train_step(loss_fn, tx, schedule)
+            second = self.batch_sharding  # the batch
+        else:
             step = make_batch_drawing_train_step(
                 loss_fn, tx, batch_fn, schedule,
                 axis_name=PMAP_AXIS if self.kind == "pmap" else None,
                 n_shares=self.n_devices,
                 batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
-            batch_axes, batch_sharding = None, self.replicated
-        elif self.kind == "pmap":
-            step = make_train_step(loss_fn, tx, schedule, axis_name=PMAP_AXIS)
-            batch_axes = 0
-        else:
-            step = make_train_step(loss_fn, tx, schedule)
-            batch_sharding = self.batch_sharding
-        if self.kind == "pmap" and batch_fn is not None:
-            # pmap needs one mapped argument: each device's index, otherwise unused.
-            mapped = jax.pmap(lambda state, data_key, dropout_key, _: step(state, data_key,
-                                                                          dropout_key),
-                              axis_name=PMAP_AXIS, in_axes=(None, None, None, 0),
-                              out_axes=(None, None), devices=self.devices, donate_argnums=0)
-            indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
-            return lambda state, data_key, dropout_key: mapped(state, data_key, dropout_key,
-                                                               indices)
-        if self.kind == "pmap":
-            return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, batch_axes, None),
-                            out_axes=(None, None), devices=self.devices, donate_argnums=0)
+            if self.kind == "pmap":
+                # pmap needs one mapped argument: each device's index, otherwise unused.
+                mapped = jax.pmap(lambda state, data_key, dropout_key, _: step(
+                                      state, data_key, dropout_key),
+                                  axis_name=PMAP_AXIS, in_axes=(None, None, None, 0),
+                                  out_axes=(None, None), devices=self.devices,
+                                  donate_argnums=0)
+                indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
+                return lambda state, data_key, dropout_key: mapped(state, data_key,
+                                                                   dropout_key, indices)
+            second = self.replicated  # the data key
         if self.kind == "sharding":
-            return jax.jit(step, in_shardings=(self.replicated, batch_sharding, self.replicated),
+            return jax.jit(step, in_shardings=(self.replicated, second, self.replicated),
                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         return jax.jit(step, donate_argnums=0)
 
