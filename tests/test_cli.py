@@ -1,4 +1,5 @@
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -83,3 +84,21 @@ def test_module_entry_point_help():
                  "--learning-rate", "--seed", "--data-dir", "--text-file", "--run-dir",
                  "--resume", "--parallel", "--devices"):
         assert flag in out.stdout, flag
+
+
+def test_compile_cache_flag(tmp_path, monkeypatch):
+    import jax
+
+    from genjax.train.cli import enable_compile_cache
+
+    configured = jax.config.jax_compilation_cache_dir  # the tests' own cache (conftest)
+    try:
+        assert enable_compile_cache(None) == pathlib.Path(configured)  # kept, not replaced
+        assert enable_compile_cache("none") is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("GENJAX_COMPILE_CACHE", str(tmp_path / "env"))
+        assert enable_compile_cache(None) == tmp_path / "env"
+        assert enable_compile_cache(str(tmp_path / "flag")) == tmp_path / "flag"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)
