@@ -115,8 +115,9 @@ def enable_compile_cache(directory: Optional[str] = None) -> Optional[pathlib.Pa
 
     Compiled programs that took over a second to build (train, eval and sampling steps,
     parameter init) are stored there and loaded by later runs with the same programs,
-    JAX/XLA versions and flags: on the 2-core CPU this takes the GPT ``cpu`` preset's
-    compilation from about 20 s to a few seconds.
+    JAX/XLA versions and flags. Measured on the 2-core CPU: a 2-step run of the GPT ``cpu``
+    preset (start, data, compilation, 3 evaluations, sample) takes 34 s with an empty
+    cache and 21 s with a filled one.
 
     Args:
       directory: the folder; ``'none'`` (or ``''``) turns the cache off. None: a folder
