@@ -3,8 +3,8 @@
 ``tensorflow_datasets`` is imported only on the TFDS code path, and TensorFlow only where
 TFDS needs it (preparing a data set, reading one through ``tf.data``); it never takes the
 GPU (``tf.config.set_visible_devices([], "GPU")``). Data sets prepared as ArrayRecord are
-read through ``tfds.data_source`` without TensorFlow, which saves its ~10 s import on a
-2-core machine.
+read through ``tfds.data_source`` without TensorFlow (Tiny Shakespeare loads in 2.2 s
+instead of 8.4 s on a 2-core machine).
 """
 
 from __future__ import annotations
