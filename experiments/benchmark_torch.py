@@ -195,7 +195,11 @@ def measure_torch(args: Args) -> dict:
 
 def measure_genjax(args: Args) -> dict:
     """Median step time of genjax's fit step, in a fresh process with the devices that the
-    experiment would use (see :func:`genjax.train.parallel.split_host_into_devices`)."""
+    experiment would use (see :func:`genjax.train.parallel.split_host_into_devices`).
+
+    Raises:
+      SystemExit: the measuring process failed (its stderr's tail is in the message).
+    """
     from experiments.gpt_shakespeare import PRESETS
 
     batch = PRESETS[args.preset][1].batch_size
