@@ -1,5 +1,7 @@
 """The data-parallel engines on 8 CPU devices (forced in conftest.py)."""
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -147,6 +149,39 @@ def test_batches_drawn_inside_the_step_equal_host_batches(play_text):
     assert int(state_in.step) == 3
     chex.assert_trees_all_close(jax.device_get(state_in.params),
                                 jax.device_get(state_host.params), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,n_devices", [("pmap", 8), ("sharding", 8), ("none", 1)])
+def test_evaluation_in_one_program_equals_the_host_loop(kind, n_devices, play_text):
+    # fit runs the GPT's estimate_loss as one program (Task.eval_batch); it must give what
+    # the host loop over Task.eval_batches gives: the same batches and the same keys. The
+    # loss here also reads its key, so that a wrong key would show.
+    from genjax.train.loop import evaluate
+
+    task, _, _ = tiny_gpt_task(play_text, batch_size=16, eval_iters=3)
+    gpt_loss = task.loss_fn
+
+    def loss_fn(params, batch, key, train):
+        loss, metrics = gpt_loss(params, batch, key, train)
+        noise = jax.random.uniform(key)
+        return loss + noise, {**metrics, "noise": noise}
+
+    task = dataclasses.replace(task, loss_fn=loss_fn)
+    engine = make_engine(kind, n_devices, 16)
+    params = engine.put_replicated(task.init_params(jax.random.PRNGKey(0)))
+    key = engine.put_replicated(jax.random.PRNGKey(7))
+    host = evaluate(task, engine, engine.compile_eval_step(task.loss_fn), params, key, 16)
+    program = engine.compile_eval_program(
+        task.loss_fn, lambda split, k: task.eval_batch(split, k, 0, 16), task.eval_splits,
+        task.eval_iters)
+    inside = {k: float(v) for k, v in jax.device_get(program(params, key)).items()}
+    assert sorted(inside) == sorted(host) == ["train_loss", "train_noise", "val_loss",
+                                              "val_noise"]
+    for name in host:
+        assert inside[name] == pytest.approx(host[name], abs=1e-6), name
+    assert host["train_loss"] != pytest.approx(host["val_loss"], abs=1e-3)  # two splits
+    with pytest.raises(ValueError, match="at least one batch"):
+        engine.compile_eval_program(task.loss_fn, lambda split, k: None, ("val",), 0)
 
 
 def test_scaling_benchmark_measures_the_fit_step():

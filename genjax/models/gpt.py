@@ -367,11 +367,13 @@ def make_task(config: GPTConfig, data, batch_size: int, eval_iters: int,
         return get_batch(data.train, jax.random.fold_in(data_key, step), batch_size, T,
                          start, stop)
 
+    def eval_batch(split, key, start, stop):
+        return get_batch(data.split(split), key, batch_size, T, start, stop)
+
     def eval_batches(split, key, start, stop):
         # The lecture's estimate_loss: eval_iters random batches of the split.
-        tokens = data.split(split)
         for i in range(eval_iters):
-            yield get_batch(tokens, jax.random.fold_in(key, i), batch_size, T, start, stop)
+            yield eval_batch(split, jax.random.fold_in(key, i), start, stop)
 
     return Task(
         name=name,
@@ -385,4 +387,6 @@ def make_task(config: GPTConfig, data, batch_size: int, eval_iters: int,
         items_per_example=T,
         item_name="tokens",
         batches_in_step=True,  # get_batch is jax.numpy only: drawn inside the train step
+        eval_batch=eval_batch,  # and each evaluation is one program
+        eval_iters=eval_iters,
     )

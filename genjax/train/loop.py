@@ -55,6 +55,13 @@ class Task:
         tracer): :func:`fit` then draws each global batch inside the compiled train step,
         so the host only dispatches steps (on a 2-core CPU the host's batch work
         otherwise competes with the devices' threads).
+      eval_batch: optional traceable ``(split, key, start, stop) -> batch``, one
+        evaluation batch of ``split`` drawn with ``key`` (``jax.numpy`` only). With it,
+        each evaluation is one compiled program of ``eval_iters`` batches per split
+        (:meth:`~genjax.train.parallel.Engine.compile_eval_program`), and
+        ``eval_batches`` must yield the same batches, ``eval_batch(split, fold_in(key,
+        i), start, stop)`` for ``i < eval_iters``, for callers that iterate on the host.
+      eval_iters: batches per split of the in-program evaluation (with ``eval_batch``).
     """
 
     name: str
@@ -68,6 +75,8 @@ class Task:
     item_name: str = "examples"
     report: Optional[Callable[[Any, jax.Array, int], dict]] = None
     batches_in_step: bool = False
+    eval_batch: Optional[Callable[[str, jax.Array, int, int], Any]] = None
+    eval_iters: int = 0
 
 
 @dataclasses.dataclass
@@ -216,7 +225,19 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
             batch_fn=lambda data_key, step: task.train_batch(data_key, step, 0, batch_size))
     else:
         train_step = engine.compile_train_step(task.loss_fn, tx, schedule)
-    eval_step = engine.compile_eval_step(task.loss_fn)
+    if task.eval_batch is not None:  # the whole evaluation in one program
+        batch_size = cfg.batch_size
+        eval_program = engine.compile_eval_program(
+            task.loss_fn, lambda split, key: task.eval_batch(split, key, 0, batch_size),
+            task.eval_splits, task.eval_iters)
+
+        def run_eval(params, key) -> dict:
+            return {k: float(v) for k, v in jax.device_get(eval_program(params, key)).items()}
+    else:
+        eval_step = engine.compile_eval_step(task.loss_fn)
+
+        def run_eval(params, key) -> dict:
+            return evaluate(task, engine, eval_step, params, key, cfg.batch_size)
     log(f"{task.name}: {engine.describe(cfg.batch_size)}")
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -235,8 +256,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
 
     def do_eval(step: int, last_metrics) -> None:
         record = {"step": step}
-        record.update(evaluate(task, engine, eval_step, state.params,
-                               jax.random.fold_in(keys["eval"], step), cfg.batch_size))
+        record.update(run_eval(state.params, jax.random.fold_in(keys["eval"], step)))
         if task.report is not None:
             report_key = engine.to_single_device(jax.random.fold_in(keys["eval"], step))
             record.update(task.report(engine.to_single_device(state.params), report_key,

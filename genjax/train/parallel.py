@@ -27,8 +27,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genjax.train.steps import (LossFn, make_batch_drawing_train_step, make_eval_step,
-                                make_train_step)
+from genjax.train.steps import (LossFn, make_batch_drawing_eval,
+                                make_batch_drawing_train_step, make_eval_step, make_train_step)
 
 _HOST_FLAG = "xla_force_host_platform_device_count"
 PMAP_AXIS = "batch"
@@ -157,6 +157,29 @@ class Engine:
             return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                            out_shardings=self.replicated)
         return jax.jit(step)
+
+    def compile_eval_program(self, loss_fn: LossFn, batch_fn, splits: tuple[str, ...],
+                             n_batches: int):
+        """The compiled ``(params, key) -> metrics``: a whole evaluation in one program.
+
+        ``batch_fn``: traceable ``(split, key) -> global batch``. See
+        :func:`genjax.train.steps.make_batch_drawing_eval` (metrics named
+        ``{split}_{name}``, means over ``n_batches`` batches per split). ``params`` and
+        ``key`` are replicated arrays; so are the returned metrics.
+        """
+        evaluate = make_batch_drawing_eval(
+            loss_fn, batch_fn, splits, n_batches,
+            axis_name=PMAP_AXIS if self.kind == "pmap" else None, n_shares=self.n_devices,
+            batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
+        if self.kind == "pmap":
+            mapped = jax.pmap(lambda params, key, _: evaluate(params, key), axis_name=PMAP_AXIS,
+                              in_axes=(None, None, 0), out_axes=None, devices=self.devices)
+            indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
+            return lambda params, key: mapped(params, key, indices)
+        if self.kind == "sharding":
+            return jax.jit(evaluate, in_shardings=(self.replicated, self.replicated),
+                           out_shardings=self.replicated)
+        return jax.jit(evaluate)
 
     def describe(self, global_batch: int) -> str:
         return (f"engine={self.kind} devices={self.n_devices} ({self.devices[0].platform}) "

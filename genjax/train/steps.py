@@ -12,6 +12,7 @@ batch means. Everything else (gradients, optimizer, devices) is here.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -121,19 +122,27 @@ def make_batch_drawing_train_step(loss_fn: LossFn, tx: optax.GradientTransformat
 
     def step(state: TrainState, data_key, dropout_key):
         batch = batch_fn(data_key, state.step)  # the global batch of this step
-        if axis_name is not None:
-            index = jax.lax.axis_index(axis_name)
-
-            def share(x):
-                size = x.shape[0] // n_shares
-                return jax.lax.dynamic_slice_in_dim(x, index * size, size)
-
-            batch = jax.tree.map(share, batch)
-        elif batch_sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+        batch = _device_share(batch, axis_name, n_shares, batch_sharding)
         return train_step(state, batch, jax.random.fold_in(dropout_key, state.step))
 
     return step
+
+
+def _device_share(batch, axis_name: Optional[str], n_shares: int, batch_sharding):
+    """This device's contiguous share of a global batch drawn inside a program: under
+    ``pmap`` (``axis_name``) a slice by ``lax.axis_index``; under ``jit`` over a mesh a
+    sharding constraint; otherwise the batch itself."""
+    if axis_name is not None:
+        index = jax.lax.axis_index(axis_name)
+
+        def share(x):
+            size = x.shape[0] // n_shares
+            return jax.lax.dynamic_slice_in_dim(x, index * size, size)
+
+        return jax.tree.map(share, batch)
+    if batch_sharding is not None:
+        return jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return batch
 
 
 def make_eval_step(loss_fn: LossFn, axis_name: Optional[str] = None):
@@ -153,3 +162,64 @@ def make_eval_step(loss_fn: LossFn, axis_name: Optional[str] = None):
         return metrics
 
     return eval_step
+
+
+def make_batch_drawing_eval(loss_fn: LossFn, batch_fn: Callable[[str, jax.Array], Any],
+                            splits: tuple[str, ...], n_batches: int,
+                            axis_name: Optional[str] = None, n_shares: int = 1,
+                            batch_sharding=None):
+    """Build ``(params, key) -> metrics``: a whole evaluation as one program.
+
+    The evaluation of :func:`genjax.train.loop.evaluate` (the lecture's
+    ``estimate_loss``) without a host round trip per batch: for the split of index ``s``,
+    batch ``j`` is ``batch_fn(split, k)`` with ``k = fold_in(fold_in(key, s), j)``, its
+    loss is computed with dropout off and key ``k`` (with the device index folded in under
+    ``pmap``, as :func:`make_eval_step`), and the ``n_batches`` batches are looped over
+    with ``lax.fori_loop``, one batch in memory at a time. The batches and keys are those
+    of the host path, so the results agree with it to float rounding.
+
+    Args:
+      batch_fn: ``(split, key) -> global batch``, traceable; ``split`` is a Python str.
+      splits: the split names, in order.
+      n_batches: batches per split, >= 1.
+      axis_name, n_shares, batch_sharding: as :func:`make_batch_drawing_train_step`.
+
+    Returns:
+      A function giving ``{f"{split}_{name}": float32 scalar}`` for ``loss`` and every
+      metric of ``loss_fn``: means over the batches (and devices).
+
+    Raises:
+      ValueError: ``n_batches < 1``.
+    """
+    if n_batches < 1:
+        raise ValueError(f"an evaluation needs at least one batch per split, got {n_batches}")
+
+    n_splits = len(splits)
+    # One loop over every (split, batch) pair, so the model is compiled once; only the
+    # batch drawing differs between splits (lax.switch).
+    draw = [functools.partial(batch_fn, split) for split in splits]
+
+    def evaluate(params, key):
+        def metrics_of(i):
+            s, j = i // n_batches, i % n_batches
+            batch_key = jax.random.fold_in(jax.random.fold_in(key, s), j)
+            batch = jax.lax.switch(s, draw, batch_key) if n_splits > 1 else draw[0](batch_key)
+            batch = _device_share(batch, axis_name, n_shares, batch_sharding)
+            if axis_name is not None:
+                batch_key = jax.random.fold_in(batch_key, jax.lax.axis_index(axis_name))
+            loss, metrics = loss_fn(params, batch, batch_key, False)
+            return s, {"loss": loss, **metrics}
+
+        def add(i, sums):
+            s, metrics = metrics_of(i)
+            return jax.tree.map(lambda acc, m: acc.at[s].add(m), sums, metrics)
+
+        _, shapes = jax.eval_shape(metrics_of, 0)
+        sums = jax.tree.map(lambda m: jnp.zeros((n_splits,) + m.shape, m.dtype), shapes)
+        sums = jax.lax.fori_loop(0, n_splits * n_batches, add, sums)
+        if axis_name is not None:
+            sums = jax.lax.pmean(sums, axis_name)
+        return {f"{split}_{name}": value[s] / n_batches
+                for s, split in enumerate(splits) for name, value in sums.items()}
+
+    return evaluate
