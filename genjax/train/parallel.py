@@ -131,15 +131,7 @@ class Engine:
                 n_shares=self.n_devices,
                 batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
             if self.kind == "pmap":
-                # pmap needs one mapped argument: each device's index, otherwise unused.
-                mapped = jax.pmap(lambda state, data_key, dropout_key, _: step(
-                                      state, data_key, dropout_key),
-                                  axis_name=PMAP_AXIS, in_axes=(None, None, None, 0),
-                                  out_axes=(None, None), devices=self.devices,
-                                  donate_argnums=0)
-                indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
-                return lambda state, data_key, dropout_key: mapped(state, data_key,
-                                                                   dropout_key, indices)
+                return self._pmap_replicated(step, 3, out_axes=(None, None), donate_argnums=0)
             second = self.replicated  # the data key
         if self.kind == "sharding":
             return jax.jit(step, in_shardings=(self.replicated, second, self.replicated),
@@ -172,14 +164,21 @@ class Engine:
             axis_name=PMAP_AXIS if self.kind == "pmap" else None, n_shares=self.n_devices,
             batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
         if self.kind == "pmap":
-            mapped = jax.pmap(lambda params, key, _: evaluate(params, key), axis_name=PMAP_AXIS,
-                              in_axes=(None, None, 0), out_axes=None, devices=self.devices)
-            indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
-            return lambda params, key: mapped(params, key, indices)
+            return self._pmap_replicated(evaluate, 2, out_axes=None)
         if self.kind == "sharding":
             return jax.jit(evaluate, in_shardings=(self.replicated, self.replicated),
                            out_shardings=self.replicated)
         return jax.jit(evaluate)
+
+    def _pmap_replicated(self, fn, n_args: int, **pmap_kwargs):
+        """``jax.pmap`` of ``fn``, all of whose ``n_args`` arguments are replicated.
+
+        pmap needs one mapped argument: each device's index is passed, and not used.
+        """
+        mapped = jax.pmap(lambda *args: fn(*args[:-1]), axis_name=PMAP_AXIS,
+                          in_axes=(None,) * n_args + (0,), devices=self.devices, **pmap_kwargs)
+        indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
+        return lambda *args: mapped(*args, indices)
 
     def describe(self, global_batch: int) -> str:
         return (f"engine={self.kind} devices={self.n_devices} ({self.devices[0].platform}) "
