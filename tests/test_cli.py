@@ -3,9 +3,11 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from experiments import gpt_shakespeare as exp
+from genjax.train.checkpoint import load_latest
 
 TINY_FLAGS = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2",
               "--batch-size", "8", "--block-size", "16", "--n-layer", "1", "--n-head", "2",
@@ -34,6 +36,14 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys):
     assert text.startswith("All:") and len(text) == 4 + 25
     assert text == exp.main(["sample", "--run-dir", str(run), "--prompt", "All:",
                              "--max-new-tokens", "25", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert f"--- {run}, step 6 ---" in out and "unreadable" not in out
+    # The latest checkpoint, restored onto the one device asked for (it was saved from a
+    # mesh of 8), on the first try.
+    step, state, meta = load_latest(run, device=jax.devices()[1], log=pytest.fail)
+    assert step == 6 and meta["model"]["n_embd"] == 16
+    leaves = jax.tree.leaves(state)
+    assert leaves and all(leaf.sharding.device_set == {jax.devices()[1]} for leaf in leaves)
 
     # Resume to 9 steps: continues from the checkpoint at 6.
     exp.main(["--preset", "cpu", "--text-file", str(text_file), "--run-dir", str(run),

@@ -148,9 +148,13 @@ def load_latest(run_dir, device=None, log: Callable[[str], None] = print):
                               "training run's directory?")
     device = device or jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
+    # Handlers named up front: without them item_metadata() knows no "state" until a first
+    # restore, and a restore without a target puts arrays back on the saved mesh (or fails,
+    # when this process has other devices).
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "meta"))
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
     try:
         for step in reversed(steps):
             try:
