@@ -100,8 +100,11 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
     """The preset named by ``args`` (or the default one) with the flags' overrides.
 
     The cosine schedule decays over the whole run (``lr_decay_iters = max_iters``), as
-    nanoGPT's CPU recipe. Raises ``ValueError`` on invalid values, before any compilation.
+    nanoGPT's CPU recipe. Raises ``ValueError`` on invalid values (a negative
+    ``--max-new-tokens`` included), before any data is loaded or compiled.
     """
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     preset = args.preset or default_preset()
     model, train = PRESETS[preset]
     model = override(model, args)

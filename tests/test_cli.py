@@ -60,6 +60,12 @@ def test_cli_errors_are_clear(tmp_path, text_file):
     with pytest.raises(SystemExit, match="global batch size 10 is not divisible by the 8"):
         exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
                   *TINY_FLAGS, "--batch-size", "10"])
+    with pytest.raises(SystemExit, match="--max-new-tokens must be >= 0, got -1"):
+        exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
+                  *TINY_FLAGS, "--max-new-tokens", "-1"])  # refused before training
+    with pytest.raises(SystemExit, match="--host-devices must be a positive integer, got 0"):
+        exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
+                  *TINY_FLAGS, "--host-devices", "0"])
     with pytest.raises(SystemExit, match="no checkpoint"):
         exp.main(["sample", "--run-dir", str(tmp_path / "nothing")])
     assert not (tmp_path / "r").exists()

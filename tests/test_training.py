@@ -83,6 +83,33 @@ def test_resume_with_another_model_config_names_the_difference(tmp_path, play_te
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
+def test_resume_on_another_vocabulary_is_refused(tmp_path, play_text):
+    # The same number of characters, but one of them another: the ids would mean other
+    # characters after the resume.
+    assert "@" not in play_text
+    task, _, data = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    other, _, other_data = tiny_gpt_task(play_text.replace("a", "@"))
+    assert other_data.tokenizer.vocab_size == data.tokenizer.vocab_size
+    with pytest.raises(CheckpointError, match="checkpoint's vocab differs"):
+        fit(other, tiny_train_config(max_iters=8), run, resume=True, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_resume_at_max_iters_says_there_is_nothing_to_train(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    messages = []
+    result = fit(task, tiny_train_config(max_iters=4), run, resume=True, progress=False,
+                 log=messages.append)
+    assert int(result.state.step) == 4 and saved_steps(run) == [4]
+    assert any("at step 4, at or past --max-iters 4: nothing to train" in m
+               for m in messages), messages
+
+
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, play_text):
     task, _, _ = tiny_gpt_task(play_text)
     run = tmp_path / "run"

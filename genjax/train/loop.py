@@ -128,6 +128,8 @@ def check_run_dir(run_dir, resume: bool) -> None:
 
 
 def _model_meta_checker(expected: Mapping[str, Any]):
+    """A check that a checkpoint's metadata is this run's: the model config (each differing
+    field named), then every other entry of ``task.meta`` (the GPT's vocabulary, say)."""
     def check(meta: dict) -> None:
         saved, wanted = meta.get("model"), expected.get("model")
         if saved != wanted:
@@ -138,6 +140,12 @@ def _model_meta_checker(expected: Mapping[str, Any]):
             raise CheckpointError(
                 f"the checkpoint's model config differs from this run's ({text}); resume with "
                 "the same model flags, or start a new --run-dir. Nothing was changed.")
+        for name in sorted(set(expected) - {"model"}):
+            if meta.get(name) != expected[name]:
+                raise CheckpointError(
+                    f"the checkpoint's {name} differs from this run's (checkpoint "
+                    f"{meta.get(name)!r:.200} vs this run {expected[name]!r:.200}): resume on "
+                    "the same data, or start a new --run-dir. Nothing was changed.")
     return check
 
 
@@ -183,7 +191,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     Raises:
       ValueError: devices and batch that do not fit (before compilation).
       FileExistsError / FileNotFoundError: see :func:`check_run_dir` (nothing is touched).
-      CheckpointError: the checkpoint's model differs, or none is readable.
+      CheckpointError: the checkpoint's model config or other ``task.meta`` entry (the
+        GPT's vocabulary) differs, or no checkpoint is readable.
     """
     log = log or (lambda s: tqdm.write(s) if is_main_process() else None)
     t_start = time.perf_counter()
@@ -205,6 +214,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         step0, restored, _ = ckpt.restore_latest(abstract, _model_meta_checker(task.meta))
         state, keys = restored["train"], restored["keys"]
         log(f"resumed {run_dir} from step {step0}")
+        if step0 >= cfg.max_iters:
+            log(f"the checkpoint is at step {step0}, at or past --max-iters {cfg.max_iters}: "
+                "nothing to train (raise --max-iters to continue)")
     else:
         state = init_train_state(task.init_params, tx, keys["init"], engine.replicated)
         keys = engine.put_replicated(keys)

@@ -244,7 +244,12 @@ def split_host_into_devices(global_batch: int, n: Optional[int] = None) -> int:
 
     Returns:
       The host device count set, or 0 if it was left as it was.
+
+    Raises:
+      ValueError: ``n`` given and not a positive integer.
     """
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"--host-devices must be a positive integer, got {n!r}")
     if _HOST_FLAG in os.environ.get("XLA_FLAGS", ""):
         return 0
     if (jax._src.xla_bridge._backends or {}).get("cpu") is not None:  # already started
