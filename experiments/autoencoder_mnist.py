@@ -61,7 +61,7 @@ def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig]:
     model, train = override(model, args), override(train, args)
     if args.anomaly_digit is not None and not 0 <= args.anomaly_digit <= 9:
         raise ValueError(f"--anomaly-digit must be a digit 0-9, got {args.anomaly_digit}")
-    return preset, model, schedule_over_run(train)
+    return preset, model, schedule_over_run(train, args)
 
 
 def reconstruct(apply, params, images, batch: int = 500) -> np.ndarray:

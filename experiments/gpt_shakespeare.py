@@ -109,7 +109,7 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
     model, train = PRESETS[preset]
     model = override(model, args)
     train = override(train, args)
-    return preset, model, schedule_over_run(train)
+    return preset, model, schedule_over_run(train, args)
 
 
 # --- train ---------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig]:
     model, train = override(model, args), override(train, args)
     if args.iwae_k < 1:
         raise ValueError(f"--iwae-k must be >= 1, got {args.iwae_k}")
-    return preset, model, schedule_over_run(train)
+    return preset, model, schedule_over_run(train, args)
 
 
 def heldout_bounds(model: VAE, params, images, key, k: int = 0, batch: int = 250) -> dict:

@@ -66,6 +66,10 @@ def test_cli_errors_are_clear(tmp_path, text_file):
     with pytest.raises(SystemExit, match="--host-devices must be a positive integer, got 0"):
         exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
                   *TINY_FLAGS, "--host-devices", "0"])
+    with pytest.raises(SystemExit, match="--warmup-iters: this preset's learning rate is "
+                                         "constant"):
+        exp.main(["--preset", "lecture", "--text-file", str(text_file), "--run-dir",
+                  str(tmp_path / "r"), *TINY_FLAGS])
     with pytest.raises(SystemExit, match="no checkpoint"):
         exp.main(["sample", "--run-dir", str(tmp_path / "nothing")])
     assert not (tmp_path / "r").exists()

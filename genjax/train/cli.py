@@ -92,14 +92,22 @@ class RunArgs:
     ~/.cache/genjax/xla); 'none' turns it off."""
 
 
-def schedule_over_run(train):
+def schedule_over_run(train, args: Optional[RunArgs] = None):
     """A cosine schedule decays over the whole run: ``lr_decay_iters = max_iters`` (as
     nanoGPT's recipes); its warm-up must end before.
 
     Raises:
-      ValueError: ``warmup_iters >= max_iters``, naming both.
+      ValueError: ``warmup_iters >= max_iters``, naming both; or ``args`` setting
+        ``--warmup-iters`` / ``--min-lr`` for a constant learning rate (they would be
+        recorded in config.json without taking effect).
     """
     if train.lr_schedule != "cosine":
+        given = [f"--{name.replace('_', '-')}" for name in ("warmup_iters", "min_lr")
+                 if args is not None and getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)}: this preset's learning rate is "
+                             f"{train.lr_schedule}, and only the cosine schedule has a warm-up "
+                             "and a min_lr; drop the flag")
         return train
     if train.warmup_iters >= train.max_iters:
         raise ValueError(f"warmup_iters={train.warmup_iters} must be below max_iters="
