@@ -68,6 +68,7 @@ def test_one_compilation_for_the_whole_loop(params):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-0.1), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0 .*got nan"),
     (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
     (dict(top_k=0), "top_k must be >= 1"),
 ])

@@ -263,12 +263,12 @@ def generate(config: GPTConfig, params, prompt_ids, max_new_tokens: int, key: ja
       followed by the new tokens.
 
     Raises:
-      ValueError: negative temperature, ``max_new_tokens < 0``, ``top_k < 1``, ids outside
+      ValueError: negative or nan temperature, ``max_new_tokens < 0``, ``top_k < 1``, ids outside
         [0, V), or a prompt of rank other than 1 or 2.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses nan
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None:
         if top_k < 1:
