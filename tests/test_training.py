@@ -127,6 +127,13 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, play_
     assert int(result.state.step) == 8
     aside = list((run / "checkpoints_unreadable").iterdir())
     assert len(aside) == 1 and aside[0].name.startswith("8-")  # kept, not deleted
+    # The first run's record of step 8 is moved aside, not logged twice.
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 4, 8]
+    superseded = list(run.glob("metrics.superseded-*.jsonl"))
+    assert len(superseded) == 1
+    assert [json.loads(l)["step"] for l in superseded[0].read_text().splitlines()] == [8]
+    assert any("moved them to metrics.superseded-" in m for m in messages), messages
 
 
 def test_no_recompilation_after_the_first_step(tmp_path, play_text):

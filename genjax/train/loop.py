@@ -149,6 +149,31 @@ def _model_meta_checker(expected: Mapping[str, Any]):
     return check
 
 
+def _set_aside_records_after(path: pathlib.Path, step: int, log) -> None:
+    """Move the records of steps after ``step`` out of ``metrics.jsonl``.
+
+    A run resumed from an earlier checkpoint than its last record (the newest was
+    unreadable, or the run stopped between a record and its checkpoint) would otherwise log
+    those steps twice. The records go to ``metrics.superseded-<time>.jsonl`` beside it;
+    nothing is deleted.
+    """
+    if not path.exists():
+        return
+    keep, later = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            later_step = json.loads(line).get("step", 0) > step
+        except (ValueError, AttributeError):  # not a record: keep it where it is
+            later_step = False
+        (later if later_step else keep).append(line)
+    if later:
+        aside = path.with_name(f"metrics.superseded-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        aside.write_text("".join(later))
+        path.write_text("".join(keep))
+        log(f"{path.name} held {len(later)} record(s) after step {step}, the step resumed "
+            f"from; moved them to {aside.name}")
+
+
 def _write_json(path: pathlib.Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -253,6 +278,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     log(f"{task.name}: {engine.describe(cfg.batch_size)}")
 
     metrics_path = run_dir / "metrics.jsonl"
+    if resume and is_main_process():
+        _set_aside_records_after(metrics_path, step0, log)
     history: list = []
     items_per_step = cfg.batch_size * task.items_per_example
     rate_key = f"{task.item_name}_per_s"
