@@ -23,7 +23,7 @@ import numpy as np
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
 from genjax.models.autoencoder import (AEConfig, AutoEncoder, make_loss_fn, mse_and_psnr,
                                        reconstruction_error, roc_auc)
-from genjax.train.cli import RunArgs, override, run_command, say, schedule_over_run, start_run
+from genjax.train.cli import RunArgs, planned_batch_size, resolve_configs, run_command, say, start_run
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 from genjax import viz
@@ -55,13 +55,18 @@ class Args(RunArgs):
     by reconstruction error."""
 
 
-def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig]:
-    preset = args.preset or ("cpu" if jax.default_backend() == "cpu" else "gpu")
-    model, train = PRESETS[preset]
-    model, train = override(model, args), override(train, args)
-    if args.anomaly_digit is not None and not 0 <= args.anomaly_digit <= 9:
-        raise ValueError(f"--anomaly-digit must be a digit 0-9, got {args.anomaly_digit}")
-    return preset, model, schedule_over_run(train, args)
+def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig, Optional[int]]:
+    """``(preset, model config, train config, anomaly digit)``: the preset (or with
+    ``--resume`` the run's saved config) with the flags' overrides. Raises ``ValueError``
+    on invalid values."""
+    preset, model, train, saved = resolve_configs(
+        args, PRESETS, lambda: "cpu" if jax.default_backend() == "cpu" else "gpu")
+    digit = args.anomaly_digit
+    if digit is None and saved is not None:  # a resumed run keeps its training data
+        digit = saved.get("anomaly_digit")
+    if digit is not None and not 0 <= digit <= 9:
+        raise ValueError(f"--anomaly-digit must be a digit 0-9, got {digit}")
+    return preset, model, train, digit
 
 
 def reconstruct(apply, params, images, batch: int = 500) -> np.ndarray:
@@ -104,12 +109,11 @@ def main(argv=None):
 def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
-    run_dir = start_run(args, args.batch_size or PRESETS[args.preset or "cpu"][1].batch_size,
-                        "autoencoder_mnist")
-    preset, model_cfg, train_cfg = resolve(args)
+    run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "autoencoder_mnist")
+    preset, model_cfg, train_cfg, anomaly_digit = resolve(args)
     # data
     full = load_mnist(args.data_dir, log=say)
-    data = full if args.anomaly_digit is None else full.without_digit(args.anomaly_digit)
+    data = full if anomaly_digit is None else full.without_digit(anomaly_digit)
     say(f"preset {preset}; MNIST from {full.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}: "
         f"{28 * 28} bytes per image in, {4 * model_cfg.latent_dim} bytes (float32 code) out")
@@ -117,7 +121,7 @@ def run(args: Args):
     model = AutoEncoder(model_cfg)
     train_batch, eval_batches = image_batch_fns(data, train_cfg.batch_size)
     scores: dict = {}
-    report = make_report(model, data, run_dir, args.anomaly_digit, scores)
+    report = make_report(model, data, run_dir, anomaly_digit, scores)
     task = Task(
         name="autoencoder",
         init_params=lambda key: model.init({"params": key}, jnp.zeros((1, 28, 28, 1)))["params"],
@@ -126,7 +130,7 @@ def run(args: Args):
         items_per_example=1, item_name="images", report=report)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": full.source,
-              "anomaly_digit": args.anomaly_digit}
+              "anomaly_digit": anomaly_digit}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
 
     # figures of the final model
@@ -140,7 +144,7 @@ def run(args: Args):
         if scores:
             viz.save_roc(run_dir / "roc.png", scores["normal"], scores["anomaly"],
                          roc_auc(scores["normal"], scores["anomaly"]),
-                         f"digit {args.anomaly_digit} as anomaly")
+                         f"digit {anomaly_digit} as anomaly")
     last = result.history[-1] if result.history else {}
     say(f"held-out MSE {last.get('test_mse', float('nan')):.5f}, PSNR "
         f"{last.get('psnr_db', float('nan')):.2f} dB"

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from genjax.data.text import CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
 from genjax.train.checkpoint import load_latest
-from genjax.train.cli import (RunArgs, enable_compile_cache, override, parse_command,
-                              run_command, say, schedule_over_run, start_run)
+from genjax.train.cli import (RunArgs, enable_compile_cache, parse_command, planned_batch_size,
+                              resolve_configs, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -90,14 +90,16 @@ class Sample:
 
 
 def setup(args: Train) -> pathlib.Path:
-    """Before JAX starts: distributed set-up and one XLA CPU device per core, for the batch
-    of --preset (``cpu`` if unset: with an accelerator the host devices are not used)."""
-    batch = args.batch_size or PRESETS[args.preset or "cpu"][1].batch_size
-    return start_run(args, batch, "gpt_shakespeare")
+    """Before JAX starts: distributed set-up and one XLA CPU device per core, for the run's
+    batch (:func:`genjax.train.cli.planned_batch_size`; preset ``cpu`` if unset: with an
+    accelerator the host devices are not used)."""
+    return start_run(args, planned_batch_size(args, PRESETS, "cpu"), "gpt_shakespeare")
 
 
-def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
-    """The preset named by ``args`` (or the default one) with the flags' overrides.
+def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict]:
+    """The preset named by ``args`` (or the default one), or with ``--resume`` the run's
+    saved config, with the flags' overrides; and the data flags (``data_dir``,
+    ``text_file``: the resumed run's when not given).
 
     The cosine schedule decays over the whole run (``lr_decay_iters = max_iters``), as
     nanoGPT's CPU recipe. Raises ``ValueError`` on invalid values (a negative
@@ -105,11 +107,11 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
     """
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    preset = args.preset or default_preset()
-    model, train = PRESETS[preset]
-    model = override(model, args)
-    train = override(train, args)
-    return preset, model, schedule_over_run(train, args)
+    preset, model, train, saved = resolve_configs(args, PRESETS, default_preset)
+    data = {"data_dir": args.data_dir, "text_file": args.text_file}
+    if saved is not None:
+        data = {k: v if v is not None else saved.get("data", {}).get(k) for k, v in data.items()}
+    return preset, model, train, data
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -118,10 +120,10 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig]:
 def train(args: Train):
     """Run the training command; returns the :class:`genjax.train.loop.FitResult`."""
     run_dir = setup(args)
-    preset, model_cfg, train_cfg = resolve(args)
+    preset, model_cfg, train_cfg, data_flags = resolve(args)
 
     # data
-    data = load_text_data(model_cfg.block_size, data_dir=args.data_dir, text_file=args.text_file)
+    data = load_text_data(model_cfg.block_size, **data_flags)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
     say(f"preset {preset}; {len(data.train):,} training / {len(data.val):,} validation "
         f"characters, vocabulary {data.tokenizer.vocab_size}; run dir {run_dir}")
@@ -132,7 +134,7 @@ def train(args: Train):
     say(f"GPT with {n_params / 1e6:.6f} M parameters")
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg),
-              "data": {"data_dir": args.data_dir, "text_file": args.text_file},
+              "data": data_flags,
               "n_params": n_params, "vocab": data.tokenizer.chars}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
 
@@ -142,8 +144,9 @@ def train(args: Train):
     key = jax.random.fold_in(result.engine.to_single_device(result.keys["init"]), step)
     text = sample_text(model_cfg, data.tokenizer, params, "", args.max_new_tokens, key)
     if is_main_process():
-        with open(run_dir / "samples.txt", "a") as f:
-            f.write(f"=== step {step}, temperature 1.0 ===\n{text}\n\n")
+        if step > result.start_step:  # a resume with nothing to train adds no entry
+            with open(run_dir / "samples.txt", "a") as f:
+                f.write(f"=== step {step}, temperature 1.0 ===\n{text}\n\n")
         print(text)
     return result
 

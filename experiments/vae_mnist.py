@@ -25,7 +25,7 @@ from genjax import viz
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
 from genjax.models.autoencoder import reconstruction_error
 from genjax.models.vae import VAE, VAEConfig, iwae_nll, kl_standard_normal, make_loss_fn
-from genjax.train.cli import RunArgs, override, run_command, say, schedule_over_run, start_run
+from genjax.train.cli import RunArgs, planned_batch_size, resolve_configs, run_command, say, start_run
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 
@@ -56,12 +56,13 @@ class Args(RunArgs):
 
 
 def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig]:
-    preset = args.preset or ("cpu" if jax.default_backend() == "cpu" else "gpu")
-    model, train = PRESETS[preset]
-    model, train = override(model, args), override(train, args)
+    """``(preset, model config, train config)``: the preset (or with ``--resume`` the run's
+    saved config) with the flags' overrides. Raises ``ValueError`` on invalid values."""
     if args.iwae_k < 1:
         raise ValueError(f"--iwae-k must be >= 1, got {args.iwae_k}")
-    return preset, model, schedule_over_run(train, args)
+    preset, model, train, _ = resolve_configs(
+        args, PRESETS, lambda: "cpu" if jax.default_backend() == "cpu" else "gpu")
+    return preset, model, train
 
 
 def heldout_bounds(model: VAE, params, images, key, k: int = 0, batch: int = 250) -> dict:
@@ -110,8 +111,7 @@ def main(argv=None):
 def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
-    run_dir = start_run(args, args.batch_size or PRESETS[args.preset or "cpu"][1].batch_size,
-                        "vae_mnist")
+    run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "vae_mnist")
     preset, model_cfg, train_cfg = resolve(args)
     # data
     data = load_mnist(args.data_dir, log=say)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import jax
@@ -128,7 +129,8 @@ def _fit_ae(data, run_dir, steps, resume=False):
     task = Task(name="ae", init_params=lambda k: model.init(k, jnp.zeros((1, 28, 28, 1)))["params"],
                 loss_fn=ae.make_loss_fn(model), train_batch=train_batch,
                 eval_batches=eval_batches, eval_splits=("test",),
-                meta={"model": {"latent_dim": 8}}, item_name="images")
+                meta={"model": dataclasses.asdict(SMALL_AE)},  # its tuple is saved as a list
+                item_name="images")
     cfg = tiny_train_config(batch_size=32, max_iters=steps, eval_interval=max(steps // 2, 1),
                             learning_rate=3e-3)
     return model, fit(task, cfg, run_dir, resume=resume, progress=False)
@@ -189,6 +191,17 @@ def test_image_experiments_end_to_end(experiment, tmp_path):
             assert (run / name).stat().st_size > 1000, name
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         exp.main(flags + extra)
+    # --resume alone continues with the run's saved config: latent_dim 2, batch 16, eval
+    # every 2 steps (and the AE's held-out digit), not the preset's.
+    exp.main(["--data-dir", str(tmp_path / "data"), "--run-dir", str(run), "--resume",
+              "--max-iters", "6"])
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4, 6]
+    config = json.loads((run / "config.json").read_text())
+    resumed = json.loads((run / "config.resume-4.json").read_text())
+    assert resumed["model"] == config["model"] and resumed["model"]["latent_dim"] == 2
+    assert resumed["train"] == {**config["train"], "max_iters": 6, "lr_decay_iters": 6}
+    assert resumed.get("anomaly_digit") == config.get("anomaly_digit")
     with pytest.raises(SystemExit, match="latent_dim must be a positive integer"):
         exp.main(flags[:-2] + ["--latent-dim", "0", "--run-dir", str(tmp_path / "r2")])
     del folder

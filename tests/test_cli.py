@@ -45,12 +45,41 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys):
     leaves = jax.tree.leaves(state)
     assert leaves and all(leaf.sharding.device_set == {jax.devices()[1]} for leaf in leaves)
 
-    # Resume to 9 steps: continues from the checkpoint at 6.
-    exp.main(["--preset", "cpu", "--text-file", str(text_file), "--run-dir", str(run),
-              "--resume", *TINY_FLAGS[:-2], "--max-iters", "9", "--max-new-tokens", "5"])
+    # Resume to 9 steps: continues from the checkpoint at 6, with the run's saved config
+    # (the tiny model, batch 8, eval every 3 steps over 2 batches, the text file), not the
+    # preset's, for every flag left out.
+    with pytest.raises(SystemExit, match="--preset lecture: the run .* was started with "
+                                         "preset cpu"):
+        exp.main(["--run-dir", str(run), "--resume", "--preset", "lecture"])
+    exp.main(["--run-dir", str(run), "--resume", "--max-iters", "9", "--max-new-tokens", "5"])
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3, 6, 9]
-    assert (run / "config.resume-6.json").is_file()
+    resumed = json.loads((run / "config.resume-6.json").read_text())
+    assert resumed["train"] == {**config["train"], "max_iters": 9, "lr_decay_iters": 9}
+    assert resumed["model"] == config["model"] and resumed["data"] == config["data"]
+    assert resumed["data"]["text_file"] == str(text_file)
+    samples = (run / "samples.txt").read_text()
+    assert samples.count("=== step") == 2 and "=== step 9" in samples
+    # Nothing left to train: a sample is printed, but samples.txt gets no second entry.
+    exp.main(["--run-dir", str(run), "--resume", "--max-iters", "9", "--max-new-tokens", "5"])
+    assert (run / "samples.txt").read_text() == samples
+    assert [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()] \
+        == [0, 3, 6, 9]
+
+
+def test_planned_batch_size_of_a_resumed_run(tmp_path):
+    from genjax.train.cli import planned_batch_size
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "cpu", "train": {"batch_size": 24}}))
+    new = exp.Train(run_dir=str(run))
+    assert planned_batch_size(new, exp.PRESETS, "cpu") == 12  # the preset's
+    assert planned_batch_size(exp.Train(preset="lecture"), exp.PRESETS, "cpu") == 64
+    resumed = exp.Train(run_dir=str(run), resume=True)
+    assert planned_batch_size(resumed, exp.PRESETS, "cpu") == 24  # the saved run's
+    given = exp.Train(run_dir=str(run), resume=True, batch_size=8)
+    assert planned_batch_size(given, exp.PRESETS, "cpu") == 8
 
 
 def test_cli_errors_are_clear(tmp_path, text_file):

@@ -65,6 +65,21 @@ def test_new_run_over_checkpoints_is_refused_and_touches_nothing(tmp_path, play_
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
+def test_new_run_over_records_of_a_run_without_checkpoint_is_refused(tmp_path, play_text):
+    # A run stopped before its first checkpoint leaves config.json and metrics.jsonl; a new
+    # run there would overwrite the one and append to the other.
+    task, _, _ = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "val_loss": 4.2}\n')
+    (run / "config.json").write_text('{"hello": 1}\n')
+    before = {p: p.read_bytes() for p in run.rglob("*")}
+    with pytest.raises(FileExistsError, match="holds config.json and metrics.jsonl of a run "
+                                              "that saved no checkpoint"):
+        fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*")} == before
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path, play_text):
     task, _, _ = tiny_gpt_task(play_text)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -106,6 +121,7 @@ def test_resume_at_max_iters_says_there_is_nothing_to_train(tmp_path, play_text)
     result = fit(task, tiny_train_config(max_iters=4), run, resume=True, progress=False,
                  log=messages.append)
     assert int(result.state.step) == 4 and saved_steps(run) == [4]
+    assert result.start_step == 4 and result.history == []
     assert any("at step 4, at or past --max-iters 4: nothing to train" in m
                for m in messages), messages
 

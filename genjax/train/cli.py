@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import sys
 import time
-from typing import Annotated, Literal, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Annotated, Callable, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import tyro
 
@@ -90,6 +91,90 @@ class RunArgs:
     """Folder of JAX's persistent compilation cache, so that later runs of the same
     programs skip compiling them (default: $GENJAX_COMPILE_CACHE, else
     ~/.cache/genjax/xla); 'none' turns it off."""
+
+
+def saved_config(args: RunArgs) -> Optional[dict]:
+    """With ``--resume``: the config record of the run's latest start, which supplies every
+    flag the command leaves out; None for a new run (or a run directory without one).
+
+    The record is ``config.json`` or the newest ``config.resume-<step>.json`` of
+    ``--run-dir`` (written by :func:`genjax.train.loop.fit`), read as JSON without
+    starting JAX, so that the saved batch size can decide the host's device split.
+
+    Raises:
+      ValueError: the record is not readable JSON (naming the file).
+    """
+    if not args.resume or args.run_dir is None:
+        return None
+    run_dir = pathlib.Path(args.run_dir)
+    records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
+    if not records:
+        return None
+    newest = max(records, key=lambda path: path.stat().st_mtime_ns)
+    try:
+        return json.loads(newest.read_text())
+    except ValueError as e:
+        raise ValueError(f"--resume: {newest} is not readable JSON ({e}); repair it or "
+                         "remove it to resume with the preset's values") from e
+
+
+def planned_batch_size(args: RunArgs, presets: Mapping[str, tuple], fallback: str) -> int:
+    """The run's global batch size, known before JAX starts (it decides how the CPU host
+    is split into devices): ``--batch-size``, else the resumed run's saved one, else the
+    batch of ``--preset`` (of preset ``fallback`` when unset)."""
+    if args.batch_size is not None:
+        return args.batch_size
+    saved = saved_config(args)
+    if saved is not None and "batch_size" in saved.get("train", {}):
+        return saved["train"]["batch_size"]
+    return presets[getattr(args, "preset", None) or fallback][1].batch_size
+
+
+def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset: Callable[[], str]):
+    """The run's ``(preset, model config, TrainConfig, saved record or None)``; ``presets``
+    maps names to ``(model config, TrainConfig)`` pairs.
+
+    A new run starts from ``--preset`` (else ``default_preset()``); ``--resume`` starts from
+    the run's saved record (:func:`saved_config`), so a flag left out keeps the run's value
+    rather than going back to the preset's. Flags given override either, then
+    :func:`schedule_over_run` applies.
+
+    Raises:
+      ValueError: ``--preset`` naming another preset than the resumed run's, a saved record
+        these configs cannot be built from, or a value :func:`schedule_over_run` or the
+        configs refuse.
+    """
+    saved = saved_config(args)
+    chosen = getattr(args, "preset", None)
+    if saved is None:
+        preset = chosen or default_preset()
+        model, train = presets[preset]
+    else:
+        preset = saved.get("preset")
+        if chosen is not None and chosen != preset:
+            raise ValueError(f"--preset {chosen}: the run in {args.run_dir} was started with "
+                             f"preset {preset}, and --resume continues from its saved config; "
+                             "drop --preset (flags given still override single values)")
+        try:
+            like_model, like_train = presets[preset]
+            model = dataclass_from_record(like_model, saved["model"])
+            train = dataclass_from_record(like_train, saved["train"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"--resume: the saved config of {args.run_dir} does not fit this "
+                             f"version of the experiment ({e!r}); resume with a matching "
+                             "genjax, or start a new --run-dir") from e
+    return preset, override(model, args), schedule_over_run(override(train, args), args), saved
+
+
+def dataclass_from_record(like: T, record: Mapping) -> T:
+    """``like``'s dataclass type built from a JSON ``record`` of it (tuples come back from
+    JSON as lists)."""
+    fields = {f.name for f in dataclasses.fields(like)}
+    unknown = sorted(set(record) - fields)
+    if unknown:
+        raise TypeError(f"unknown fields {unknown}")
+    return dataclasses.replace(like, **{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in record.items()})
 
 
 def schedule_over_run(train, args: Optional[RunArgs] = None):

@@ -89,6 +89,8 @@ class FitResult:
       engine: the engine used (``engine.to_single_device(state.params)`` for sampling).
       keys: the run's PRNG keys (``init``, ``data``, ``dropout``, ``eval``).
       run_dir: the run directory.
+      start_step: the step this call started from (0, or the checkpoint's when resumed);
+        ``int(state.step) == start_step`` when there was nothing to train.
     """
 
     state: TrainState
@@ -96,6 +98,7 @@ class FitResult:
     engine: Engine
     keys: dict
     run_dir: pathlib.Path
+    start_step: int = 0
 
 
 def run_keys(seed: int) -> dict:
@@ -109,11 +112,18 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
+RUN_RECORDS = ("config.json", "metrics.jsonl")
+"""The files of a run directory that :func:`fit` writes besides the checkpoints."""
+
+
 def check_run_dir(run_dir, resume: bool) -> None:
-    """Refuse to start a new run over existing checkpoints, or to resume from nothing.
+    """Refuse to start a new run over existing checkpoints or run records, or to resume
+    from nothing.
 
     Raises:
-      FileExistsError: ``run_dir`` holds checkpoints and ``resume`` is False.
+      FileExistsError: ``resume`` is False and ``run_dir`` holds checkpoints, or the
+        ``config.json`` / ``metrics.jsonl`` of a run that stopped before its first
+        checkpoint (a new run would overwrite and append to them).
       FileNotFoundError: ``resume`` is True and ``run_dir`` holds no checkpoint.
     """
     steps = saved_steps(run_dir)
@@ -121,6 +131,12 @@ def check_run_dir(run_dir, resume: bool) -> None:
         raise FileExistsError(
             f"{run_dir} already holds checkpoints (steps {steps}); pass --resume to continue "
             "that run, or choose another --run-dir. Nothing was changed.")
+    records = [name for name in RUN_RECORDS if (pathlib.Path(run_dir) / name).exists()]
+    if records and not resume and not steps:
+        raise FileExistsError(
+            f"{run_dir} already holds {' and '.join(records)} of a run that saved no "
+            "checkpoint; choose another --run-dir, or delete them to start over there. "
+            "Nothing was changed.")
     if resume and not steps:
         raise FileNotFoundError(
             f"--resume: no checkpoint in {pathlib.Path(run_dir) / 'checkpoints'}; drop "
@@ -129,7 +145,10 @@ def check_run_dir(run_dir, resume: bool) -> None:
 
 def _model_meta_checker(expected: Mapping[str, Any]):
     """A check that a checkpoint's metadata is this run's: the model config (each differing
-    field named), then every other entry of ``task.meta`` (the GPT's vocabulary, say)."""
+    field named), then every other entry of ``task.meta`` (the GPT's vocabulary, say).
+    Both are compared as saved, in JSON form (a config's tuple comes back as a list)."""
+    expected = json.loads(json.dumps(expected))
+
     def check(meta: dict) -> None:
         saved, wanted = meta.get("model"), expected.get("model")
         if saved != wanted:
@@ -355,4 +374,5 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     finally:
         bar.close()
         ckpt.close()
-    return FitResult(state=state, history=history, engine=engine, keys=keys, run_dir=run_dir)
+    return FitResult(state=state, history=history, engine=engine, keys=keys, run_dir=run_dir,
+                     start_step=step0)
