@@ -10,9 +10,12 @@ on 8 devices restores on 1, and the reverse.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import shutil
+import sys
 import time
+import traceback
 from typing import Callable, Optional
 
 import jax
@@ -21,6 +24,72 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used: missing, incompatible or unreadable."""
+
+
+def _describe(error: BaseException) -> str:
+    """The innermost cause of ``error`` in one line (Orbax wraps TensorStore's message, the
+    informative one, in a generic "error while reading array index")."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if str(error) \
+        else type(error).__name__
+
+
+def _from_orbax_read(exc: Optional[BaseException], tb) -> bool:
+    """Whether an exception is a by-product of a failed Orbax read: raised in Orbax's
+    code or by TensorStore reading an Orbax (OCDBT) checkpoint, or asyncio's "Event loop is
+    closed" from a TensorStore read finishing after that failure closed Orbax's loop."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    if "in OCDBT database at" in str(exc):  # TensorStore's own read error: no Python frames
+        return True
+    return any("orbax/checkpoint" in frame.filename.replace("\\", "/")
+               for frame in traceback.extract_tb(tb))
+
+
+class _OrbaxReadNoise(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records of a failed Orbax read."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in str(record.msg) and exc is not None
+                    and _from_orbax_read(exc, exc.__traceback__))
+
+
+_quieted = False
+
+
+def _quiet_failed_read_noise() -> None:
+    """Keep the stray errors of a failed Orbax read off stderr (called before restoring).
+
+    When one array of a checkpoint cannot be read, Orbax's restore raises (and genjax falls
+    back to an older checkpoint), but its other reads are still in flight: as they finish,
+    each reports its own failure or "Event loop is closed" through ``sys.unraisablehook``
+    and asyncio's logger, hundreds of tracebacks for one reported problem. This filters
+    those, and only those, for the rest of the process; anything else reaches the previous
+    hook unchanged.
+    """
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _from_orbax_read(unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrbaxReadNoise())
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's notices that a read-only manager is read-only (``load_latest``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith("Given directory is read only")
+                    or text.startswith("CheckpointManagerOptions.read_only=True"))
 
 
 def checkpoint_dir(run_dir) -> pathlib.Path:
@@ -92,6 +161,7 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
+        _quiet_failed_read_noise()
         for step in steps:
             try:
                 meta = self.read_meta(step)
@@ -114,8 +184,7 @@ class Checkpointer:
         aside.mkdir(exist_ok=True)
         target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         shutil.move(str(self.directory / str(step)), str(target))
-        self.log(f"warning: checkpoint at step {step} is unreadable "
-                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+        self.log(f"warning: checkpoint at step {step} is unreadable ({_describe(error)}); "
                  f"moved it to {target} and trying the previous one")
         self.manager.reload()
 
@@ -148,13 +217,19 @@ def load_latest(run_dir, device=None, log: Callable[[str], None] = print):
                               "training run's directory?")
     device = device or jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
+    _quiet_failed_read_noise()
     # Handlers named up front: without them item_metadata() knows no "state" until a first
     # restore, and a restore without a target puts arrays back on the saved mesh (or fails,
     # when this process has other devices).
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler()})
+    notice = _ReadOnlyNotice()
+    logging.getLogger("absl").addFilter(notice)
+    try:
+        manager = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+    finally:
+        logging.getLogger("absl").removeFilter(notice)
     try:
         for step in reversed(steps):
             try:
@@ -166,8 +241,8 @@ def load_latest(run_dir, device=None, log: Callable[[str], None] = print):
                     state=ocp.args.StandardRestore(abstract)))["state"]
                 return step, state, meta
             except Exception as e:  # noqa: BLE001 - any read failure: try an older one
-                log(f"warning: checkpoint at step {step} is unreadable "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying the previous one")
+                log(f"warning: checkpoint at step {step} is unreadable ({_describe(e)}); "
+                    "trying the previous one")
     finally:
         manager.close()
     raise CheckpointError(f"no readable checkpoint in {directory}")
