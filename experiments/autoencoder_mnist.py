@@ -13,7 +13,7 @@ reconstructions); at the end, with ``latent_dim=2``, ``latent-scatter.png``, and
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import jax
 import tyro
@@ -23,7 +23,8 @@ import numpy as np
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
 from genjax.models.autoencoder import (AEConfig, AutoEncoder, make_loss_fn, mse_and_psnr,
                                        reconstruction_error, roc_auc)
-from genjax.train.cli import RunArgs, planned_batch_size, resolve_configs, run_command, say, start_run
+from genjax.train.cli import (RunArgs, own_default, planned_batch_size, preset_default,
+                              resolve_configs, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 from genjax import viz
@@ -44,15 +45,15 @@ PRESETS: dict[str, tuple[AEConfig, TrainConfig]] = {
 class Args(RunArgs):
     """Train a convolutional Auto-Encoder on MNIST."""
 
-    preset: Optional[Literal["cpu", "gpu"]] = None
+    preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
     """Hyperparameters (default: cpu without an accelerator, else gpu)."""
-    latent_dim: Optional[int] = None
+    latent_dim: Annotated[Optional[int], preset_default("INT")] = None
     """Size of the code z."""
-    loss: Optional[Literal["bce", "mse"]] = None
+    loss: Annotated[Optional[Literal["bce", "mse"]], preset_default("{bce,mse}")] = None
     """Reconstruction loss: per-pixel binary cross-entropy with logits, or MSE."""
-    anomaly_digit: Optional[int] = None
+    anomaly_digit: Annotated[Optional[int], own_default("DIGIT")] = None
     """Train without this digit and report the ROC AUC of detecting it on held-out images
-    by reconstruction error."""
+    by reconstruction error (default: train on every digit; on --resume, as the run)."""
 
 
 def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig, Optional[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from genjax.data.text import CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
 from genjax.train.checkpoint import load_latest
-from genjax.train.cli import (RunArgs, enable_compile_cache, parse_command, planned_batch_size,
-                              resolve_configs, run_command, say, start_run)
+from genjax.train.cli import (RunArgs, enable_compile_cache, own_default, parse_command,
+                              planned_batch_size, preset_default, resolve_configs, run_command,
+                              say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -53,17 +54,22 @@ def default_preset() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Train(RunArgs):
-    """Train a GPT, checkpointing to --run-dir, then print a sample."""
+    """Train a GPT, checkpointing to --run-dir, then print a sample (the default command;
+    its flags: train --help)."""
 
-    preset: Optional[Literal["cpu", "lecture"]] = None
+    preset: Annotated[Optional[Literal["cpu", "lecture"]], own_default("{cpu,lecture}")] = None
     """Hyperparameters to start from (default: cpu without an accelerator, else lecture)."""
-    block_size: Optional[int] = None
+    block_size: Annotated[Optional[int], preset_default("INT")] = None
     """Context length in characters."""
-    n_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_embd: Optional[int] = None
-    dropout: Optional[float] = None
-    text_file: Optional[str] = None
+    n_layer: Annotated[Optional[int], preset_default("INT")] = None
+    """Transformer blocks."""
+    n_head: Annotated[Optional[int], preset_default("INT")] = None
+    """Attention heads per block (n_embd must be divisible by it)."""
+    n_embd: Annotated[Optional[int], preset_default("INT")] = None
+    """Embedding width C."""
+    dropout: Annotated[Optional[float], preset_default("FLOAT")] = None
+    """Dropout rate while training (0 turns it off)."""
+    text_file: Annotated[Optional[str], own_default("PATH")] = None
     """Train on this UTF-8 text file instead of Tiny Shakespeare (first 90% train, last
     10% validation); --data-dir: a folder with input.txt or tinyshakespeare/input.txt, given
     to TFDS as its manual_dir."""
@@ -82,10 +88,10 @@ class Sample:
     max_new_tokens: int = 500
     temperature: float = 1.0
     """Softmax temperature; 0 = greedy."""
-    top_k: Optional[int] = None
-    """Sample among the k most likely characters only."""
+    top_k: Annotated[Optional[int], own_default("K")] = None
+    """Sample among the k most likely characters only (default: among all)."""
     seed: int = 1337
-    compile_cache: Optional[str] = None
+    compile_cache: Annotated[Optional[str], own_default("DIR")] = None
     """JAX's persistent compilation cache folder; see ``train --help``."""
 
 

@@ -13,7 +13,7 @@ samples, k decoder passes per image), and writes ``samples-<step>.png`` (z ~ N(0
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import jax
 import tyro
@@ -25,7 +25,8 @@ from genjax import viz
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
 from genjax.models.autoencoder import reconstruction_error
 from genjax.models.vae import VAE, VAEConfig, iwae_nll, kl_standard_normal, make_loss_fn
-from genjax.train.cli import RunArgs, planned_batch_size, resolve_configs, run_command, say, start_run
+from genjax.train.cli import (RunArgs, own_default, planned_batch_size, preset_default,
+                              resolve_configs, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 
@@ -45,11 +46,11 @@ PRESETS: dict[str, tuple[VAEConfig, TrainConfig]] = {
 class Args(RunArgs):
     """Train a Variational Auto-Encoder on MNIST."""
 
-    preset: Optional[Literal["cpu", "gpu"]] = None
+    preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
     """Hyperparameters (default: cpu without an accelerator, else gpu)."""
-    latent_dim: Optional[int] = None
+    latent_dim: Annotated[Optional[int], preset_default("INT")] = None
     """Size of z."""
-    beta: Optional[float] = None
+    beta: Annotated[Optional[float], preset_default("FLOAT")] = None
     """Weight of the KL term (beta-VAE); 1 trains on the ELBO."""
     iwae_k: int = 100
     """Importance samples of the held-out log-likelihood bound."""

@@ -129,6 +129,7 @@ def test_module_entry_point_help():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "train" in out.stdout and "sample" in out.stdout
+    assert "train --help" in out.stdout  # where the training flags are
     out = subprocess.run([sys.executable, "-m", "experiments.gpt_shakespeare", "train", "--help"],
                          capture_output=True, text=True, timeout=120)
     for flag in ("--preset", "--max-iters", "--eval-interval", "--eval-iters", "--batch-size",
@@ -136,6 +137,10 @@ def test_module_entry_point_help():
                  "--learning-rate", "--seed", "--data-dir", "--text-file", "--run-dir",
                  "--resume", "--parallel", "--devices"):
         assert flag in out.stdout, flag
+    # Unset flags take the preset's value (or the resumed run's): the help says so.
+    assert "(default: None)" not in out.stdout
+    assert "(default: the preset's; on --resume, the run's)" in " ".join(
+        line.strip("│ ") for line in out.stdout.splitlines())
 
 
 def test_compile_cache_flag(tmp_path, monkeypatch):

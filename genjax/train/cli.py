@@ -51,43 +51,56 @@ def override(config: T, overrides) -> T:
     return dataclasses.replace(config, **changes)
 
 
+def preset_default(metavar: str):
+    """``tyro`` marker of a flag whose unset value (None) means the preset's, or with
+    ``--resume`` the run's: its help says so instead of "(default: None)"."""
+    return tyro.conf.arg(metavar=metavar,
+                         help_behavior_hint="(default: the preset's; on --resume, the run's)")
+
+
+def own_default(metavar: str):
+    """``tyro`` marker of an optional flag whose help text says what unset means."""
+    return tyro.conf.arg(metavar=metavar, help_behavior_hint="")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunArgs:
     """Flags every training experiment has (None: the preset's value)."""
 
-    max_iters: Optional[int] = None
+    max_iters: Annotated[Optional[int], preset_default("INT")] = None
     """Total training steps (a resumed run continues up to it)."""
-    eval_interval: Optional[int] = None
+    eval_interval: Annotated[Optional[int], preset_default("INT")] = None
     """Evaluate and checkpoint every this many steps."""
-    eval_iters: Optional[int] = None
+    eval_iters: Annotated[Optional[int], preset_default("INT")] = None
     """Batches per split averaged by an evaluation."""
-    batch_size: Optional[int] = None
+    batch_size: Annotated[Optional[int], preset_default("INT")] = None
     """Global batch size (all devices together)."""
-    learning_rate: Optional[float] = None
+    learning_rate: Annotated[Optional[float], preset_default("FLOAT")] = None
     """Peak learning rate."""
-    min_lr: Optional[float] = None
+    min_lr: Annotated[Optional[float], preset_default("FLOAT")] = None
     """Final learning rate of the cosine schedule."""
-    warmup_iters: Optional[int] = None
+    warmup_iters: Annotated[Optional[int], preset_default("INT")] = None
     """Warm-up steps of the cosine schedule."""
-    seed: Optional[int] = None
+    seed: Annotated[Optional[int], preset_default("INT")] = None
     """Seed of every random draw of the run."""
-    parallel: Optional[Literal["pmap", "sharding", "none"]] = None
+    parallel: Annotated[Optional[Literal["pmap", "sharding", "none"]],
+                        preset_default("{pmap,sharding,none}")] = None
     """Data-parallel engine: pmap, sharding or none (one device)."""
-    devices: Optional[int] = None
+    devices: Annotated[Optional[int], own_default("INT")] = None
     """Devices to use (default: all local devices)."""
-    host_devices: Optional[int] = None
+    host_devices: Annotated[Optional[int], own_default("INT")] = None
     """CPU only: split the host into this many XLA devices (default: the largest count
     <= the cores that divides the batch); ignored when XLA_FLAGS already sets it."""
     distributed: bool = False
     """Multi-host: call jax.distributed.initialize() first (run the same command on every
     host with the same --run-dir; each host loads only its share of every batch)."""
-    data_dir: Optional[str] = None
+    data_dir: Annotated[Optional[str], own_default("DIR")] = None
     """Offline data folder (default: $GENJAX_DATA_DIR)."""
-    run_dir: Optional[str] = None
+    run_dir: Annotated[Optional[str], own_default("DIR")] = None
     """Run directory (default: runs/<experiment>/<date-time>)."""
     resume: bool = False
     """Continue the latest checkpoint of --run-dir."""
-    compile_cache: Optional[str] = None
+    compile_cache: Annotated[Optional[str], own_default("DIR")] = None
     """Folder of JAX's persistent compilation cache, so that later runs of the same
     programs skip compiling them (default: $GENJAX_COMPILE_CACHE, else
     ~/.cache/genjax/xla); 'none' turns it off."""
