@@ -23,8 +23,9 @@ import numpy as np
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
 from genjax.models.autoencoder import (AEConfig, AutoEncoder, make_loss_fn, mse_and_psnr,
                                        reconstruction_error, roc_auc)
-from genjax.train.cli import (RunArgs, own_default, planned_batch_size, preset_default,
-                              resolve_configs, run_command, say, start_run)
+from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
+                              preset_default, resolve_configs, resumed_path, run_command, say,
+                              start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 from genjax import viz
@@ -56,18 +57,18 @@ class Args(RunArgs):
     by reconstruction error (default: train on every digit; on --resume, as the run)."""
 
 
-def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig, Optional[int]]:
-    """``(preset, model config, train config, anomaly digit)``: the preset (or with
-    ``--resume`` the run's saved config) with the flags' overrides. Raises ``ValueError``
-    on invalid values."""
-    preset, model, train, saved = resolve_configs(
-        args, PRESETS, lambda: "cpu" if jax.default_backend() == "cpu" else "gpu")
+def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig, Optional[int], Optional[str]]:
+    """``(preset, model config, train config, anomaly digit, data dir)``: the preset (or
+    with ``--resume`` the run's saved config) with the flags' overrides. Raises
+    ``ValueError`` on invalid values."""
+    preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
+    saved = saved or {}
     digit = args.anomaly_digit
-    if digit is None and saved is not None:  # a resumed run keeps its training data
+    if digit is None:  # a resumed run keeps its training data
         digit = saved.get("anomaly_digit")
     if digit is not None and not 0 <= digit <= 9:
         raise ValueError(f"--anomaly-digit must be a digit 0-9, got {digit}")
-    return preset, model, train, digit
+    return preset, model, train, digit, resumed_path(args.data_dir, saved.get("data_dir"))
 
 
 def reconstruct(apply, params, images, batch: int = 500) -> np.ndarray:
@@ -111,9 +112,9 @@ def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "autoencoder_mnist")
-    preset, model_cfg, train_cfg, anomaly_digit = resolve(args)
+    preset, model_cfg, train_cfg, anomaly_digit, data_dir = resolve(args)
     # data
-    full = load_mnist(args.data_dir, log=say)
+    full = load_mnist(data_dir, log=say)
     data = full if anomaly_digit is None else full.without_digit(anomaly_digit)
     say(f"preset {preset}; MNIST from {full.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}: "
@@ -130,7 +131,7 @@ def run(args: Args):
         eval_splits=("test",), meta={"family": "autoencoder", "model": dataclasses.asdict(model_cfg)},
         items_per_example=1, item_name="images", report=report)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
-              "train": dataclasses.asdict(train_cfg), "data": full.source,
+              "train": dataclasses.asdict(train_cfg), "data": full.source, "data_dir": data_dir,
               "anomaly_digit": anomaly_digit}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
 

@@ -8,7 +8,8 @@ cores: the figures show each engine's overhead, not a speed-up). With GPUs or TP
 real devices are used (counts above the available number are skipped). The train step is
 the real one of ``genjax.train.fit`` (batches drawn inside the step) on random tokens
 (vocabulary 65), timed after two compiling/warm-up steps; each row is the median of
-``--repeats`` timings of ``--steps`` steps.
+``--repeats`` timings of ``--steps`` steps. Below the table, :func:`roofline` puts the
+step's FLOPs against the machine's float32 matrix-product rate.
 """
 
 from __future__ import annotations
@@ -105,6 +106,41 @@ def measure(args: Args, n_devices: int) -> list[dict]:
     return rows
 
 
+def roofline(preset: str, batch: int) -> dict:
+    """The step's work against this machine's speed: ``gflop`` per train step (XLA's cost
+    analysis of the GPT loss's gradient over the global batch, float32), ``matmul_gflops``
+    (the best of 20 float32 1024x1024 ``jnp.dot`` on the default device, in GFLOP/s) and
+    ``floor_ms``, the time the step's FLOPs would take at that rate: a step can only be
+    faster than it by running its products faster than a large square one."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.gpt_shakespeare import PRESETS
+    from genjax.data.text import CharTokenizer, TextData
+    from genjax.models.gpt import make_task
+
+    model_cfg, _ = PRESETS[preset]
+    tokens = jnp.zeros((10_000,), jnp.int32)
+    data = TextData(CharTokenizer("".join(chr(32 + i) for i in range(65))), tokens, tokens)
+    task = make_task(dataclasses.replace(model_cfg, vocab_size=65), data, batch, 1)
+    key = jax.random.PRNGKey(0)
+    params = jax.eval_shape(task.init_params, key)
+    x = jax.eval_shape(lambda: task.train_batch(key, 0, 0, batch))
+    grad = jax.grad(lambda p, b: task.loss_fn(p, b, key, True)[0])
+    cost = jax.jit(grad).lower(params, x).compile().cost_analysis()
+    flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    a = jnp.ones((1024, 1024), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(20):
+        t = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    rate = 2 * 1024 ** 3 / best
+    return {"gflop": flops / 1e9, "matmul_gflops": rate / 1e9, "floor_ms": flops / rate * 1e3}
+
+
 def main(argv=None):
     args = tyro.cli(Args, args=argv)
     if args.worker is not None:
@@ -145,6 +181,13 @@ def main(argv=None):
         ratio = f"{r['step_ms'] / one:.2f}x" if one else "-"
         print(f"| {r['engine']} | {r['devices']} | {r['batch']} | {r['per_device_batch']} | "
               f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} |")
+    batches = sorted({r["batch"] for r in rows if "batch" in r})
+    for batch in batches:
+        r = roofline(args.preset, batch)
+        print(f"\nbatch {batch}: {r['gflop']:.2f} GFLOP per step (XLA's cost analysis); float32 "
+              f"matrix products on this {platform} run at up to {r['matmul_gflops']:.0f} GFLOP/s "
+              f"(1024x1024 jnp.dot), so the step's FLOPs alone take {r['floor_ms']:.1f} ms at "
+              "that rate")
     return rows
 
 

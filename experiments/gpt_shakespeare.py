@@ -19,8 +19,8 @@ from genjax.data.text import CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
 from genjax.train.checkpoint import load_latest
 from genjax.train.cli import (RunArgs, enable_compile_cache, own_default, parse_command,
-                              planned_batch_size, preset_default, resolve_configs, run_command,
-                              say, start_run)
+                              planned_batch_size, preset_default, resolve_configs, resumed_path,
+                              run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -114,9 +114,9 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict]:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset)
-    data = {"data_dir": args.data_dir, "text_file": args.text_file}
-    if saved is not None:
-        data = {k: v if v is not None else saved.get("data", {}).get(k) for k, v in data.items()}
+    saved_data = (saved or {}).get("data") or {}
+    data = {name: resumed_path(getattr(args, name), saved_data.get(name))
+            for name in ("data_dir", "text_file")}
     return preset, model, train, data
 
 

@@ -25,8 +25,9 @@ from genjax import viz
 from genjax.data.mnist import ImageData, image_batch_fns, load_mnist
 from genjax.models.autoencoder import reconstruction_error
 from genjax.models.vae import VAE, VAEConfig, iwae_nll, kl_standard_normal, make_loss_fn
-from genjax.train.cli import (RunArgs, own_default, planned_batch_size, preset_default,
-                              resolve_configs, run_command, say, start_run)
+from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
+                              preset_default, resolve_configs, resumed_path, run_command, say,
+                              start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import Task, fit, is_main_process
 
@@ -56,14 +57,14 @@ class Args(RunArgs):
     """Importance samples of the held-out log-likelihood bound."""
 
 
-def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig]:
-    """``(preset, model config, train config)``: the preset (or with ``--resume`` the run's
-    saved config) with the flags' overrides. Raises ``ValueError`` on invalid values."""
+def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str]]:
+    """``(preset, model config, train config, data dir)``: the preset (or with ``--resume``
+    the run's saved config) with the flags' overrides. Raises ``ValueError`` on invalid
+    values."""
     if args.iwae_k < 1:
         raise ValueError(f"--iwae-k must be >= 1, got {args.iwae_k}")
-    preset, model, train, _ = resolve_configs(
-        args, PRESETS, lambda: "cpu" if jax.default_backend() == "cpu" else "gpu")
-    return preset, model, train
+    preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
+    return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir"))
 
 
 def heldout_bounds(model: VAE, params, images, key, k: int = 0, batch: int = 250) -> dict:
@@ -113,9 +114,9 @@ def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "vae_mnist")
-    preset, model_cfg, train_cfg = resolve(args)
+    preset, model_cfg, train_cfg, data_dir = resolve(args)
     # data
-    data = load_mnist(args.data_dir, log=say)
+    data = load_mnist(data_dir, log=say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
         f"beta {model_cfg.beta}")
@@ -131,7 +132,8 @@ def run(args: Args):
         eval_splits=("test",), meta={"family": "vae", "model": dataclasses.asdict(model_cfg)},
         items_per_example=1, item_name="images", report=report)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
-              "train": dataclasses.asdict(train_cfg), "data": data.source, "iwae_k": args.iwae_k}
+              "train": dataclasses.asdict(train_cfg), "data": data.source, "data_dir": data_dir,
+              "iwae_k": args.iwae_k}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
 
     # figures of the final model

@@ -54,6 +54,9 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     with pytest.raises(SystemExit, match="--preset lecture: the run .* was started with "
                                          "preset cpu"):
         exp.main(["--run-dir", str(run), "--resume", "--preset", "lecture"])
+    with pytest.raises(SystemExit, match="--seed 5: a resumed run continues with the random "
+                                         "keys saved in its checkpoint \\(seed 1337\\)"):
+        exp.main(["--run-dir", str(run), "--resume", "--seed", "5"])
     exp.main(["--run-dir", str(run), "--resume", "--max-iters", "9", "--max-new-tokens", "5"])
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3, 6, 9]
@@ -75,7 +78,8 @@ def test_planned_batch_size_of_a_resumed_run(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"preset": "cpu", "train": {"batch_size": 24}}))
+    (run / "config.json").write_text(json.dumps({"preset": "cpu", "model": {},
+                                                 "train": {"batch_size": 24}}))
     new = exp.Train(run_dir=str(run))
     assert planned_batch_size(new, exp.PRESETS, "cpu") == 12  # the preset's
     assert planned_batch_size(exp.Train(preset="lecture"), exp.PRESETS, "cpu") == 64
@@ -83,6 +87,37 @@ def test_planned_batch_size_of_a_resumed_run(tmp_path):
     assert planned_batch_size(resumed, exp.PRESETS, "cpu") == 24  # the saved run's
     given = exp.Train(run_dir=str(run), resume=True, batch_size=8)
     assert planned_batch_size(given, exp.PRESETS, "cpu") == 8
+
+
+def test_the_record_of_the_latest_start_is_the_one_resumed(tmp_path, capsys):
+    import os
+
+    from genjax.train.cli import resolve_configs, saved_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    resumed = exp.Train(run_dir=str(run), resume=True)
+    # No record at all: the preset, and a warning that says so.
+    preset, model, train, saved = resolve_configs(resumed, exp.PRESETS, lambda: "cpu")
+    assert saved is None and train.batch_size == 12
+    assert "no config.json" in capsys.readouterr().out
+
+    def record(name, batch, mtime):
+        path = run / name
+        path.write_text(json.dumps({"preset": "cpu", "model": {}, "train": {"batch_size": batch}}))
+        os.utime(path, ns=(mtime, mtime))
+
+    record("config.json", 4, 10**18)
+    record("config.resume-250.json", 8, 10**18 + 2)
+    record("config.resume-1000.json", 16, 10**18 + 1)
+    assert saved_config(resumed)["train"]["batch_size"] == 8  # the newest start
+    for name in ("config.json", "config.resume-250.json", "config.resume-1000.json"):
+        os.utime(run / name, ns=(10**18, 10**18))  # a copy that reset the times
+    assert saved_config(resumed)["train"]["batch_size"] == 16  # then the latest step
+    assert resolve_configs(resumed, exp.PRESETS, lambda: "cpu")[2].batch_size == 16
+    (run / "config.resume-2000.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.resume-2000.json is not a run's config record"):
+        saved_config(resumed)
 
 
 def test_cli_errors_are_clear(tmp_path, text_file):

@@ -191,3 +191,16 @@ def test_scaling_benchmark_measures_the_fit_step():
     assert [(r["engine"], r["devices"], r["per_device_batch"]) for r in rows] == [("pmap", 8, 2)]
     assert rows[0]["step_ms"] > 0 and rows[0]["tokens_per_s"] == pytest.approx(
         16 * 64 / (rows[0]["step_ms"] / 1e3))
+
+
+def test_roofline_counts_the_step_flops():
+    from experiments.benchmark_scaling import roofline
+
+    r = roofline("cpu", 12)
+    # The GPT cpu preset's matrix products, forward, per token: 2 x (4 blocks x 12 C^2 +
+    # the lm_head's C x 65) and attention's 2 x 2 T C per block; backward twice that.
+    C, T, tokens = 128, 64, 12 * 64
+    forward = 2 * (4 * 12 * C * C + C * 65) + 4 * (2 * 2 * T * C)
+    assert r["gflop"] == pytest.approx(3 * forward * tokens / 1e9, rel=0.05)
+    assert r["matmul_gflops"] > 0
+    assert r["floor_ms"] == pytest.approx(r["gflop"] / r["matmul_gflops"] * 1e3)

@@ -77,6 +77,9 @@ def test_new_run_over_records_of_a_run_without_checkpoint_is_refused(tmp_path, p
     with pytest.raises(FileExistsError, match="holds config.json and metrics.jsonl of a run "
                                               "that saved no checkpoint"):
         fit(task, tiny_train_config(max_iters=4), run, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint .* a run stopped before its "
+                                                "first checkpoint: choose another --run-dir"):
+        fit(task, tiny_train_config(max_iters=4), run, resume=True, progress=False)
     assert {p: p.read_bytes() for p in run.rglob("*")} == before
 
 

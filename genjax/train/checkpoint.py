@@ -14,6 +14,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import threading
 import time
 import traceback
 from typing import Callable, Optional
@@ -56,31 +57,55 @@ class _OrbaxReadNoise(logging.Filter):
                     and _from_orbax_read(exc, exc.__traceback__))
 
 
-_quieted = False
-
-
-def _quiet_failed_read_noise() -> None:
-    """Keep the stray errors of a failed Orbax read off stderr (called before restoring).
+class _FailedReadNoise:
+    """Keeps the stray errors of a failed Orbax read off stderr, around restores.
 
     When one array of a checkpoint cannot be read, Orbax's restore raises (and genjax falls
     back to an older checkpoint), but its other reads are still in flight: as they finish,
     each reports its own failure or "Event loop is closed" through ``sys.unraisablehook``
-    and asyncio's logger, hundreds of tracebacks for one reported problem. This filters
-    those, and only those, for the rest of the process; anything else reaches the previous
-    hook unchanged.
+    and asyncio's logger, up to hundreds of tracebacks for one reported problem. Inside
+    ``with _FAILED_READ_NOISE:`` those, and only those, are dropped; anything else reaches
+    the previous hook unchanged. After a restore that succeeded the filters go; after one
+    that failed (:meth:`failed`) they stay for the rest of the process, since its reads may
+    finish later.
     """
-    global _quieted
-    if _quieted:
-        return
-    _quieted = True
-    previous = sys.unraisablehook
 
-    def hook(unraisable):
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._previous = None
+        self._depth = 0
+        self._sticky = False
+        self._log_filter = _OrbaxReadNoise()
+
+    def _hook(self, unraisable) -> None:
         if not _from_orbax_read(unraisable.exc_value, unraisable.exc_traceback):
-            previous(unraisable)
+            (self._previous or sys.__unraisablehook__)(unraisable)
 
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_OrbaxReadNoise())
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0 and self._previous is None:
+                self._previous = sys.unraisablehook
+                sys.unraisablehook = self._hook
+                logging.getLogger("asyncio").addFilter(self._log_filter)
+            self._depth += 1
+        return self
+
+    def failed(self) -> None:
+        """A read failed: keep filtering after the ``with`` block."""
+        self._sticky = True
+
+    def __exit__(self, *exc_info):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and not self._sticky and self._previous is not None:
+                if sys.unraisablehook == self._hook:
+                    sys.unraisablehook = self._previous
+                    self._previous = None
+                    logging.getLogger("asyncio").removeFilter(self._log_filter)
+        return False
+
+
+_FAILED_READ_NOISE = _FailedReadNoise()
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -161,21 +186,23 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        _quiet_failed_read_noise()
-        for step in steps:
-            try:
-                meta = self.read_meta(step)
-            except Exception as e:  # noqa: BLE001 - any read failure means unreadable
-                self._set_aside(step, e)
-                continue
-            check_meta(meta)
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
-            except Exception as e:  # noqa: BLE001
-                self._set_aside(step, e)
-                continue
-            return step, restored["state"], meta
+        with _FAILED_READ_NOISE as noise:
+            for step in steps:
+                try:
+                    meta = self.read_meta(step)
+                except Exception as e:  # noqa: BLE001 - any read failure means unreadable
+                    noise.failed()
+                    self._set_aside(step, e)
+                    continue
+                check_meta(meta)
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state)))
+                except Exception as e:  # noqa: BLE001
+                    noise.failed()
+                    self._set_aside(step, e)
+                    continue
+                return step, restored["state"], meta
         raise CheckpointError(f"no readable checkpoint in {self.directory}; the unreadable "
                               f"ones were moved to {self.directory.parent / 'checkpoints_unreadable'}")
 
@@ -217,7 +244,6 @@ def load_latest(run_dir, device=None, log: Callable[[str], None] = print):
                               "training run's directory?")
     device = device or jax.devices()[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
-    _quiet_failed_read_noise()
     # Handlers named up front: without them item_metadata() knows no "state" until a first
     # restore, and a restore without a target puts arrays back on the saved mesh (or fails,
     # when this process has other devices).
@@ -231,18 +257,21 @@ def load_latest(run_dir, device=None, log: Callable[[str], None] = print):
     finally:
         logging.getLogger("absl").removeFilter(notice)
     try:
-        for step in reversed(steps):
-            try:
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                tree = manager.item_metadata(step)["state"]
-                abstract = jax.tree.map(
-                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
-                state = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract)))["state"]
-                return step, state, meta
-            except Exception as e:  # noqa: BLE001 - any read failure: try an older one
-                log(f"warning: checkpoint at step {step} is unreadable ({_describe(e)}); "
-                    "trying the previous one")
+        with _FAILED_READ_NOISE as noise:
+            for step in reversed(steps):
+                try:
+                    meta = manager.restore(step, args=ocp.args.Composite(
+                        meta=ocp.args.JsonRestore()))["meta"]
+                    tree = manager.item_metadata(step)["state"]
+                    abstract = jax.tree.map(
+                        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+                    state = manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract)))["state"]
+                    return step, state, meta
+                except Exception as e:  # noqa: BLE001 - any read failure: try an older one
+                    noise.failed()
+                    log(f"warning: checkpoint at step {step} is unreadable ({_describe(e)}); "
+                        "trying the previous one")
     finally:
         manager.close()
     raise CheckpointError(f"no readable checkpoint in {directory}")

@@ -65,7 +65,8 @@ def own_default(metavar: str):
 
 @dataclasses.dataclass(frozen=True)
 class RunArgs:
-    """Flags every training experiment has (None: the preset's value)."""
+    """Flags every training experiment has (None: the preset's value, or on --resume the
+    run's)."""
 
     max_iters: Annotated[Optional[int], preset_default("INT")] = None
     """Total training steps (a resumed run continues up to it)."""
@@ -81,13 +82,14 @@ class RunArgs:
     """Final learning rate of the cosine schedule."""
     warmup_iters: Annotated[Optional[int], preset_default("INT")] = None
     """Warm-up steps of the cosine schedule."""
-    seed: Annotated[Optional[int], preset_default("INT")] = None
-    """Seed of every random draw of the run."""
+    seed: Annotated[Optional[int], own_default("INT")] = None
+    """Seed of every random draw of the run (default: the preset's; a resumed run keeps
+    the keys saved in its checkpoint)."""
     parallel: Annotated[Optional[Literal["pmap", "sharding", "none"]],
                         preset_default("{pmap,sharding,none}")] = None
     """Data-parallel engine: pmap, sharding or none (one device)."""
     devices: Annotated[Optional[int], own_default("INT")] = None
-    """Devices to use (default: all local devices)."""
+    """Devices to use (default: all local devices; on --resume, the run's setting)."""
     host_devices: Annotated[Optional[int], own_default("INT")] = None
     """CPU only: split the host into this many XLA devices (default: the largest count
     <= the cores that divides the batch); ignored when XLA_FLAGS already sets it."""
@@ -95,7 +97,7 @@ class RunArgs:
     """Multi-host: call jax.distributed.initialize() first (run the same command on every
     host with the same --run-dir; each host loads only its share of every batch)."""
     data_dir: Annotated[Optional[str], own_default("DIR")] = None
-    """Offline data folder (default: $GENJAX_DATA_DIR)."""
+    """Offline data folder (default: $GENJAX_DATA_DIR; on --resume, the run's)."""
     run_dir: Annotated[Optional[str], own_default("DIR")] = None
     """Run directory (default: runs/<experiment>/<date-time>)."""
     resume: bool = False
@@ -104,6 +106,13 @@ class RunArgs:
     """Folder of JAX's persistent compilation cache, so that later runs of the same
     programs skip compiling them (default: $GENJAX_COMPILE_CACHE, else
     ~/.cache/genjax/xla); 'none' turns it off."""
+
+
+def _record_order(path: pathlib.Path) -> tuple:
+    """Newest start last: by modification time, then by the step in the name
+    (``config.json`` is step 0), so a copy that reset the times still orders right."""
+    step = path.stem.rpartition("-")[2]
+    return path.stat().st_mtime_ns, int(step) if step.isdigit() else 0
 
 
 def saved_config(args: RunArgs) -> Optional[dict]:
@@ -115,7 +124,8 @@ def saved_config(args: RunArgs) -> Optional[dict]:
     starting JAX, so that the saved batch size can decide the host's device split.
 
     Raises:
-      ValueError: the record is not readable JSON (naming the file).
+      ValueError: the record is not a JSON object with ``model`` and ``train`` objects
+        (naming the file).
     """
     if not args.resume or args.run_dir is None:
         return None
@@ -123,12 +133,18 @@ def saved_config(args: RunArgs) -> Optional[dict]:
     records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
     if not records:
         return None
-    newest = max(records, key=lambda path: path.stat().st_mtime_ns)
+    newest = max(records, key=_record_order)
     try:
-        return json.loads(newest.read_text())
+        record = json.loads(newest.read_text())
     except ValueError as e:
-        raise ValueError(f"--resume: {newest} is not readable JSON ({e}); repair it or "
-                         "remove it to resume with the preset's values") from e
+        raise ValueError(f"--resume: {newest} is not readable JSON ({e}); repair it, or "
+                         "move it away to resume from the preset's values") from e
+    if not (isinstance(record, dict) and isinstance(record.get("model"), dict)
+            and isinstance(record.get("train"), dict)):
+        raise ValueError(f"--resume: {newest} is not a run's config record (a JSON object "
+                         "with 'model' and 'train' objects); repair it, or move it away to "
+                         "resume from the preset's values")
+    return record
 
 
 def planned_batch_size(args: RunArgs, presets: Mapping[str, tuple], fallback: str) -> int:
@@ -138,9 +154,23 @@ def planned_batch_size(args: RunArgs, presets: Mapping[str, tuple], fallback: st
     if args.batch_size is not None:
         return args.batch_size
     saved = saved_config(args)
-    if saved is not None and "batch_size" in saved.get("train", {}):
+    if saved is not None and "batch_size" in saved["train"]:
         return saved["train"]["batch_size"]
     return presets[getattr(args, "preset", None) or fallback][1].batch_size
+
+
+def resumed_path(given: Optional[str], saved: Optional[str]) -> Optional[str]:
+    """A path flag's value: as given, else the resumed run's saved one (None: unset),
+    made absolute so that a resume from another working directory finds it too."""
+    path = given if given is not None else saved
+    return None if path is None else str(pathlib.Path(path).expanduser().absolute())
+
+
+def default_preset_for(cpu: str, accelerator: str) -> Callable[[], str]:
+    """``() -> cpu`` when JAX sees no accelerator, else ``accelerator`` (it starts JAX)."""
+    import jax
+
+    return lambda: cpu if jax.default_backend() == "cpu" else accelerator
 
 
 def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset: Callable[[], str]):
@@ -149,21 +179,30 @@ def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset:
 
     A new run starts from ``--preset`` (else ``default_preset()``); ``--resume`` starts from
     the run's saved record (:func:`saved_config`), so a flag left out keeps the run's value
-    rather than going back to the preset's. Flags given override either, then
-    :func:`schedule_over_run` applies.
+    rather than going back to the preset's (a field the record lacks, from an older
+    genjax, takes the preset's). Flags given override either, then
+    :func:`schedule_over_run` applies. A resume without a record says that it falls back
+    to the preset.
 
     Raises:
-      ValueError: ``--preset`` naming another preset than the resumed run's, a saved record
-        these configs cannot be built from, or a value :func:`schedule_over_run` or the
+      ValueError: ``--preset`` naming another preset than the resumed run's; ``--seed``
+        other than the resumed run's (its keys come from the checkpoint); a saved record
+        these configs cannot be built from; or a value :func:`schedule_over_run` or the
         configs refuse.
     """
     saved = saved_config(args)
     chosen = getattr(args, "preset", None)
     if saved is None:
         preset = chosen or default_preset()
+        if args.resume:
+            say(f"warning: no config.json in {args.run_dir}: the flags left out take preset "
+                f"{preset}'s values, not the run's")
         model, train = presets[preset]
     else:
         preset = saved.get("preset")
+        if preset not in presets:
+            raise ValueError(f"--resume: the saved config of {args.run_dir} names preset "
+                             f"{preset!r}, not one of {sorted(presets)}; start a new --run-dir")
         if chosen is not None and chosen != preset:
             raise ValueError(f"--preset {chosen}: the run in {args.run_dir} was started with "
                              f"preset {preset}, and --resume continues from its saved config; "
@@ -172,16 +211,23 @@ def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset:
             like_model, like_train = presets[preset]
             model = dataclass_from_record(like_model, saved["model"])
             train = dataclass_from_record(like_train, saved["train"])
-        except (KeyError, TypeError) as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"--resume: the saved config of {args.run_dir} does not fit this "
-                             f"version of the experiment ({e!r}); resume with a matching "
+                             f"version of the experiment ({e}); resume with a matching "
                              "genjax, or start a new --run-dir") from e
+        if args.seed is not None and args.seed != train.seed:
+            raise ValueError(f"--seed {args.seed}: a resumed run continues with the random "
+                             f"keys saved in its checkpoint (seed {train.seed}); drop --seed")
     return preset, override(model, args), schedule_over_run(override(train, args), args), saved
 
 
 def dataclass_from_record(like: T, record: Mapping) -> T:
     """``like``'s dataclass type built from a JSON ``record`` of it (tuples come back from
-    JSON as lists)."""
+    JSON as lists); fields the record lacks keep ``like``'s values.
+
+    Raises:
+      TypeError: the record has fields ``like`` does not.
+    """
     fields = {f.name for f in dataclasses.fields(like)}
     unknown = sorted(set(record) - fields)
     if unknown:

@@ -131,16 +131,19 @@ def check_run_dir(run_dir, resume: bool) -> None:
         raise FileExistsError(
             f"{run_dir} already holds checkpoints (steps {steps}); pass --resume to continue "
             "that run, or choose another --run-dir. Nothing was changed.")
+    # Process 0 writes the records: another host could see them already written.
     records = [name for name in RUN_RECORDS if (pathlib.Path(run_dir) / name).exists()]
-    if records and not resume and not steps:
+    if records and not steps and not resume and is_main_process():
         raise FileExistsError(
             f"{run_dir} already holds {' and '.join(records)} of a run that saved no "
             "checkpoint; choose another --run-dir, or delete them to start over there. "
             "Nothing was changed.")
     if resume and not steps:
+        advice = (f"it holds {' and '.join(records)} of a run stopped before its first "
+                  "checkpoint: choose another --run-dir, or delete them to start over there"
+                  if records else "drop --resume to start a new run there")
         raise FileNotFoundError(
-            f"--resume: no checkpoint in {pathlib.Path(run_dir) / 'checkpoints'}; drop "
-            "--resume to start a new run there.")
+            f"--resume: no checkpoint in {pathlib.Path(run_dir) / 'checkpoints'}; {advice}.")
 
 
 def _model_meta_checker(expected: Mapping[str, Any]):
@@ -194,7 +197,10 @@ def _set_aside_records_after(path: pathlib.Path, step: int, log) -> None:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write ``obj`` to ``path`` whole or not at all (a temporary file, then a rename)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
 
 
 def evaluate(task: Task, engine: Engine, eval_step, params, key: jax.Array,
