@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Optional
 
 import jax
 import jax.numpy as jnp
+import tyro
 
 from genjax.data.text import CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
@@ -81,18 +82,20 @@ class Train(RunArgs):
 class Sample:
     """Sample text from the latest checkpoint of a run."""
 
-    run_dir: str
+    run_dir: Annotated[str, tyro.conf.arg(metavar="DIR")]
     """The training run's directory."""
-    prompt: str = ""
+    prompt: Annotated[str, own_default("TEXT")] = ""
     """Text to continue (default: start from a newline, as the lecture)."""
     max_new_tokens: int = 500
+    """Characters to generate after the prompt."""
     temperature: float = 1.0
     """Softmax temperature; 0 = greedy."""
     top_k: Annotated[Optional[int], own_default("K")] = None
     """Sample among the k most likely characters only (default: among all)."""
     seed: int = 1337
+    """Seed of the sampling key: the same seed and checkpoint give the same text."""
     compile_cache: Annotated[Optional[str], own_default("DIR")] = None
-    """JAX's persistent compilation cache folder; see ``train --help``."""
+    """Folder of JAX's persistent compilation cache (as for train)."""
 
 
 def setup(args: Train) -> pathlib.Path:

@@ -139,6 +139,8 @@ def test_cli_errors_are_clear(tmp_path, text_file):
                   str(tmp_path / "r"), *TINY_FLAGS])
     with pytest.raises(SystemExit, match="no checkpoint"):
         exp.main(["sample", "--run-dir", str(tmp_path / "nothing")])
+    with pytest.raises(SystemExit, match="--resume needs --run-dir DIR"):
+        exp.main(["--resume", *TINY_FLAGS])
     assert not (tmp_path / "r").exists()
 
 

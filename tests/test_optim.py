@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,10 @@ def test_cosine_schedule_follows_nanogpt():
     assert float(lr(1050)) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-4)
     assert float(lr(2000)) == pytest.approx(1e-4)
     assert float(lr(5000)) == pytest.approx(1e-4)
+    # A final rate above the peak would make the "decay" climb: refused.
+    with pytest.raises(ValueError, match="min_lr=0.01 must be between 0 and the peak "
+                                         "learning_rate=0.001"):
+        dataclasses.replace(cfg, min_lr=1e-2)
 
 
 def test_optax_adamw_matches_torch_adamw():

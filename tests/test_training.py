@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -113,7 +114,41 @@ def test_resume_on_another_vocabulary_is_refused(tmp_path, play_text):
     assert other_data.tokenizer.vocab_size == data.tokenizer.vocab_size
     with pytest.raises(CheckpointError, match="checkpoint's vocab differs"):
         fit(other, tiny_train_config(max_iters=8), run, resume=True, progress=False)
+    # A text with one more character changes vocab_size too: the data is named, not the
+    # model flags that the user did not change.
+    longer, _, longer_data = tiny_gpt_task(play_text + "@")
+    assert longer_data.tokenizer.vocab_size == data.tokenizer.vocab_size + 1
+    with pytest.raises(CheckpointError, match="checkpoint's vocab differs .* resume on the "
+                                              "same data"):
+        fit(longer, tiny_train_config(max_iters=8), run, resume=True, progress=False)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_interrupted_run_says_how_to_continue(tmp_path, play_text):
+    task, _, _ = tiny_gpt_task(play_text)
+
+    def interrupt(params, key, step):  # Ctrl-C during the evaluation at step 8
+        if step == 8:
+            raise KeyboardInterrupt
+        return {}
+
+    run = tmp_path / "run"
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        fit(dataclasses.replace(task, report=interrupt), tiny_train_config(max_iters=12), run,
+            progress=False, log=messages.append)
+    assert messages[-1] == (f"interrupted after step 8; the latest checkpoint is step 4: "
+                            f"continue with --resume --run-dir {run}")
+    assert saved_steps(run) == [4]
+
+    from genjax.train.cli import run_command
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:  # one line on stderr, no traceback
+        run_command(stop, None)
+    assert exit_info.value.code == 130
 
 
 def test_resume_at_max_iters_says_there_is_nothing_to_train(tmp_path, play_text):
@@ -122,8 +157,9 @@ def test_resume_at_max_iters_says_there_is_nothing_to_train(tmp_path, play_text)
     fit(task, tiny_train_config(max_iters=4), run, progress=False)
     messages = []
     result = fit(task, tiny_train_config(max_iters=4), run, resume=True, progress=False,
-                 log=messages.append)
+                 log=messages.append, config_record={"max_iters": 4})
     assert int(result.state.step) == 4 and saved_steps(run) == [4]
+    assert not list(run.glob("config.resume-*.json"))  # a resume that did nothing records nothing
     assert result.start_step == 4 and result.history == []
     assert any("at step 4, at or past --max-iters 4: nothing to train" in m
                for m in messages), messages

@@ -215,6 +215,10 @@ class Checkpointer:
                  f"moved it to {target} and trying the previous one")
         self.manager.reload()
 
+    def wait(self) -> None:
+        """Wait for pending (asynchronous) saves to be complete on disk."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         """Wait for pending saves and release the manager."""
         self.manager.wait_until_finished()

@@ -32,7 +32,8 @@ def parse_command(commands: Mapping[str, type], default: str,
 
 def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
-    checkpoints) ends the program with one ``error: ...`` line and exit status 1."""
+    checkpoints) ends the program with one ``error: ...`` line and exit status 1, and
+    Ctrl-C with one ``interrupted`` line and exit status 130 (no traceback)."""
     from genjax.data.tfds import DataUnavailableError
     from genjax.train.checkpoint import CheckpointError
 
@@ -40,6 +41,9 @@ def run_command(fn, args):
         return fn(args)
     except (ValueError, OSError, DataUnavailableError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from e
+    except KeyboardInterrupt:  # fit has said where the run stands
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def override(config: T, overrides) -> T:
@@ -298,12 +302,14 @@ def start_run(args: RunArgs, batch_size: int, experiment: str) -> pathlib.Path:
     cache (:func:`enable_compile_cache`); returns the run directory.
 
     Raises:
-      ValueError: ``--distributed`` without ``--run-dir``.
+      ValueError: ``--distributed`` or ``--resume`` without ``--run-dir``.
     """
     import jax
 
     from genjax.train.parallel import split_host_into_devices
 
+    if args.resume and args.run_dir is None:
+        raise ValueError("--resume needs --run-dir DIR, the directory of the run to continue")
     if args.distributed:
         if args.run_dir is None:
             raise ValueError("--distributed needs an explicit --run-dir shared by every host")

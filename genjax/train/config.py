@@ -34,7 +34,8 @@ class TrainConfig:
       devices: devices to use; None means all local devices.
 
     Raises:
-      ValueError: on a non-positive count or size, or an unknown schedule or engine.
+      ValueError: on a non-positive count or size, an unknown schedule or engine, or a
+        cosine ``min_lr`` outside [0, learning_rate].
     """
 
     max_iters: int = 2000
@@ -68,6 +69,9 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine" and not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"min_lr={self.min_lr!r} must be between 0 and the peak "
+                             f"learning_rate={self.learning_rate!r}")
         if self.lr_schedule == "cosine" and self.lr_decay_iters <= self.warmup_iters:
             raise ValueError(
                 f"lr_decay_iters={self.lr_decay_iters} must exceed warmup_iters={self.warmup_iters}")

@@ -147,12 +147,20 @@ def check_run_dir(run_dir, resume: bool) -> None:
 
 
 def _model_meta_checker(expected: Mapping[str, Any]):
-    """A check that a checkpoint's metadata is this run's: the model config (each differing
-    field named), then every other entry of ``task.meta`` (the GPT's vocabulary, say).
-    Both are compared as saved, in JSON form (a config's tuple comes back as a list)."""
+    """A check that a checkpoint's metadata is this run's: every entry of ``task.meta``
+    other than the model config first (the GPT's vocabulary, which follows from the data:
+    a changed text also changes ``vocab_size``, and the data is the cause to name), then
+    the model config, each differing field named. Both are compared as saved, in JSON form
+    (a config's tuple comes back as a list)."""
     expected = json.loads(json.dumps(expected))
 
     def check(meta: dict) -> None:
+        for name in sorted(set(expected) - {"model"}):
+            if meta.get(name) != expected[name]:
+                raise CheckpointError(
+                    f"the checkpoint's {name} differs from this run's (checkpoint "
+                    f"{meta.get(name)!r:.200} vs this run {expected[name]!r:.200}): resume on "
+                    "the same data, or start a new --run-dir. Nothing was changed.")
         saved, wanted = meta.get("model"), expected.get("model")
         if saved != wanted:
             saved, wanted = saved or {}, wanted or {}
@@ -162,12 +170,6 @@ def _model_meta_checker(expected: Mapping[str, Any]):
             raise CheckpointError(
                 f"the checkpoint's model config differs from this run's ({text}); resume with "
                 "the same model flags, or start a new --run-dir. Nothing was changed.")
-        for name in sorted(set(expected) - {"model"}):
-            if meta.get(name) != expected[name]:
-                raise CheckpointError(
-                    f"the checkpoint's {name} differs from this run's (checkpoint "
-                    f"{meta.get(name)!r:.200} vs this run {expected[name]!r:.200}): resume on "
-                    "the same data, or start a new --run-dir. Nothing was changed.")
     return check
 
 
@@ -274,7 +276,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
 
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if config_record is not None:
+        if config_record is not None and step0 < cfg.max_iters:  # a no-op resume: none
             name = "config.json" if step0 == 0 else f"config.resume-{step0}.json"
             _write_json(run_dir / name, config_record)
     if not resume:
@@ -348,6 +350,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     bar = tqdm(total=cfg.max_iters, initial=step0, disable=not (progress and is_main_process()),
                desc=task.name, dynamic_ncols=True)
     metrics = None
+    done = step0  # steps completed
     try:
         for step in range(step0, cfg.max_iters):
             previous = metrics
@@ -377,6 +380,14 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
                 do_eval(done, metrics)
                 save(done)
                 timer["mark"] = time.perf_counter()
+    except KeyboardInterrupt:
+        bar.close()
+        ckpt.wait()  # a save in flight lands first
+        steps = saved_steps(run_dir)
+        log(f"interrupted after step {done}; " + (
+            f"the latest checkpoint is step {steps[-1]}: continue with --resume --run-dir "
+            f"{run_dir}" if steps else f"no checkpoint was saved in {run_dir}"))
+        raise
     finally:
         bar.close()
         ckpt.close()
