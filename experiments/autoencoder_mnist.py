@@ -4,7 +4,8 @@
         [--anomaly-digit D] [--data-dir DIR] [--run-dir DIR] [--resume] ...
 
 config -> data -> state -> train/eval steps -> loop (``genjax.train``). At each evaluation
-it reports held-out ``test_mse`` and ``psnr_db`` (and ``anomaly_auroc`` with
+it reports ``test_mse`` and ``test_psnr_db`` over all held-out images (replacing the
+loop's figures over its evaluation batches), ``test_loss`` (and ``anomaly_auroc`` with
 ``--anomaly-digit``) and writes ``reconstructions-<step>.png`` (originals above
 reconstructions); at the end, with ``latent_dim=2``, ``latent-scatter.png``, and with
 ``--anomaly-digit``, ``roc.png``.
@@ -87,7 +88,9 @@ def make_report(model: AutoEncoder, data: ImageData, run_dir, anomaly_digit, sco
     def report(params, key, step):
         logits = reconstruct(apply, params, data.test_images)
         mse, psnr = mse_and_psnr(jnp.asarray(logits), jnp.asarray(data.test_images))
-        out = {"test_mse": float(mse.mean()), "psnr_db": float(psnr.mean())}
+        # Over every held-out image: these replace the loop's figures of the same names,
+        # which cover only its evaluation batches.
+        out = {"test_mse": float(mse.mean()), "test_psnr_db": float(psnr.mean())}
         if anomaly_digit is not None:
             err = np.asarray(reconstruction_error(jnp.asarray(logits), jnp.asarray(data.test_images),
                                                   model.config.loss))
@@ -149,7 +152,7 @@ def run(args: Args):
                          f"digit {anomaly_digit} as anomaly")
     last = result.history[-1] if result.history else {}
     say(f"held-out MSE {last.get('test_mse', float('nan')):.5f}, PSNR "
-        f"{last.get('psnr_db', float('nan')):.2f} dB"
+        f"{last.get('test_psnr_db', float('nan')):.2f} dB"
         + (f", anomaly AUROC {last['anomaly_auroc']:.3f}" if "anomaly_auroc" in last else ""))
     return result
 
