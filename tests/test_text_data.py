@@ -60,6 +60,8 @@ def test_text_shorter_than_block_raises():
 def test_text_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         T.read_text_file(tmp_path / "missing.txt")
+    with pytest.raises(IsADirectoryError, match="is a directory: .* goes to --data-dir"):
+        T.read_text_file(tmp_path)
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00abc")
     with pytest.raises(ValueError, match="not UTF-8"):

@@ -95,9 +95,13 @@ def read_text_file(path) -> str:
     """A UTF-8 text file's contents.
 
     Raises:
-      FileNotFoundError: no such file. ValueError: not UTF-8, or empty.
+      FileNotFoundError: no such file. IsADirectoryError: a directory. ValueError: not
+        UTF-8, or empty.
     """
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--text-file {path} is a directory: give a UTF-8 text file "
+                                "(a folder holding input.txt goes to --data-dir)")
     if not path.is_file():
         raise FileNotFoundError(f"--text-file {path}: no such file")
     try:
