@@ -48,7 +48,8 @@ class Args(RunArgs):
     """Train a convolutional Auto-Encoder on MNIST."""
 
     preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
-    """Hyperparameters (default: cpu without an accelerator, else gpu)."""
+    """Hyperparameters (default: cpu without an accelerator, else gpu; on --resume, the
+    run's)."""
     latent_dim: Annotated[Optional[int], preset_default("INT")] = None
     """Size of the code z."""
     loss: Annotated[Optional[Literal["bce", "mse"]], preset_default("{bce,mse}")] = None

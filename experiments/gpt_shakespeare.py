@@ -59,7 +59,8 @@ class Train(RunArgs):
     its flags: train --help)."""
 
     preset: Annotated[Optional[Literal["cpu", "lecture"]], own_default("{cpu,lecture}")] = None
-    """Hyperparameters to start from (default: cpu without an accelerator, else lecture)."""
+    """Hyperparameters to start from (default: cpu without an accelerator, else lecture;
+    on --resume, the run's)."""
     block_size: Annotated[Optional[int], preset_default("INT")] = None
     """Context length in characters."""
     n_layer: Annotated[Optional[int], preset_default("INT")] = None

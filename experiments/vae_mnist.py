@@ -48,7 +48,8 @@ class Args(RunArgs):
     """Train a Variational Auto-Encoder on MNIST."""
 
     preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
-    """Hyperparameters (default: cpu without an accelerator, else gpu)."""
+    """Hyperparameters (default: cpu without an accelerator, else gpu; on --resume, the
+    run's)."""
     latent_dim: Annotated[Optional[int], preset_default("INT")] = None
     """Size of z."""
     beta: Annotated[Optional[float], preset_default("FLOAT")] = None
