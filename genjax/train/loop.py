@@ -21,36 +21,45 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 from tqdm.auto import tqdm
 
 from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, saved_steps
 from genjax.train.config import TrainConfig
 from genjax.train.optim import make_optimizer
 from genjax.train.parallel import Engine, make_engine
-from genjax.train.steps import LossFn, TrainState, create_train_state, init_train_state
+from genjax.train.steps import (Evaluation, LossFn, Optimizers, TrainState, Update,
+                                create_train_state, init_train_state)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Task:
     """What a model family hands to :func:`fit`.
 
+    A family whose model is its parameters alone gives ``loss_fn``: every train step is
+    one update of all parameters with one optimizer. A family with model state besides
+    its parameters (BatchNorm statistics: ``init_model_state``) or with several players
+    (a GAN) gives ``updates`` and ``evaluation`` instead.
+
     Attributes:
       name: short name, used in messages.
-      init_params: ``key -> params``.
+      init_params: ``key -> params`` (with grouped ``updates``: a dict of one parameter
+        tree per group).
       loss_fn: ``(params, batch, key, train) -> (loss, metrics)``, see
-        :mod:`genjax.train.steps`.
+        :mod:`genjax.train.steps`; None when ``updates`` and ``evaluation`` are given.
       train_batch: ``(data_key, step, start, stop) -> batch``: examples ``[start, stop)`` of
         the global training batch of step ``step`` (a process loads only its share).
       eval_batches: ``(split, key, start, stop) -> iterable of batches`` for each name in
         ``eval_splits``, the same share convention.
-      eval_splits: the splits evaluated; their mean losses are reported as
-        ``{split}_loss`` and their other metrics as ``{split}_{name}``.
+      eval_splits: the splits evaluated; their metrics are reported as ``{split}_{name}``
+        (``{split}_loss`` for ``loss_fn``'s loss).
       meta: JSON metadata saved in every checkpoint; ``meta['model']`` must match when a
-        run resumes.
+        run resumes, and ``meta['family']`` names the model family.
       items_per_example: e.g. ``block_size`` tokens per GPT example, 1 image per image.
       item_name: ``tokens`` or ``images``: throughput is logged as ``{item_name}_per_s``.
-      report: optional ``(params, key, step) -> dict`` called at each evaluation on
-        single-device parameters, for the family's own figures and files.
+      report: optional ``(variables, key, step) -> dict`` called at each evaluation on
+        single-device variables (the parameters, or with model state the Flax variables
+        ``{'params': ..., 'batch_stats': ...}``), for the family's own figures and files.
       batches_in_step: ``train_batch`` is traceable (jax.numpy only; ``step`` may be a
         tracer): :func:`fit` then draws each global batch inside the compiled train step,
         so the host only dispatches steps (on a 2-core CPU the host's batch work
@@ -62,11 +71,22 @@ class Task:
         ``eval_batches`` must yield the same batches, ``eval_batch(split, fold_in(key,
         i), start, stop)`` for ``i < eval_iters``, for callers that iterate on the host.
       eval_iters: batches per split of the in-program evaluation (with ``eval_batch``).
+      init_model_state: optional ``key -> model state`` (``{'batch_stats': ...}``),
+        carried in :class:`~genjax.train.steps.TrainState`, updated by the train step,
+        averaged over devices, saved in checkpoints and restored on resume.
+      updates: the :class:`~genjax.train.steps.Update` s of one train step, in order;
+        updates with a ``group`` each get their own optimizer (built from the
+        :class:`TrainConfig` like the single one), their state kept per group.
+      evaluation: the :class:`~genjax.train.steps.Evaluation` used with ``updates``.
+
+    Raises:
+      ValueError: neither ``loss_fn`` nor ``updates`` with ``evaluation``, or both; a
+        model state without ``updates`` (a plain ``loss_fn`` cannot update it).
     """
 
     name: str
     init_params: Callable[[jax.Array], Any]
-    loss_fn: LossFn
+    loss_fn: Optional[LossFn] = None
     train_batch: Callable[[jax.Array, int, int, int], Any]
     eval_batches: Callable[[str, jax.Array, int, int], Iterable[Any]]
     eval_splits: tuple[str, ...]
@@ -77,6 +97,36 @@ class Task:
     batches_in_step: bool = False
     eval_batch: Optional[Callable[[str, jax.Array, int, int], Any]] = None
     eval_iters: int = 0
+    init_model_state: Optional[Callable[[jax.Array], Any]] = None
+    updates: tuple[Update, ...] = ()
+    evaluation: Optional[Evaluation] = None
+
+    def __post_init__(self):
+        if (self.loss_fn is None) == (not self.updates or self.evaluation is None):
+            raise ValueError(f"Task {self.name!r}: give either loss_fn, or updates and "
+                             "evaluation")
+        if self.init_model_state is not None and not self.updates:
+            raise ValueError(f"Task {self.name!r}: a model state needs updates that return "
+                             "it (a loss_fn cannot)")
+
+    @property
+    def objective(self):
+        """What the train step runs: ``updates``, or ``loss_fn``."""
+        return self.updates or self.loss_fn
+
+    @property
+    def eval_objective(self):
+        """What an evaluation runs: ``evaluation``, or ``loss_fn`` with dropout off."""
+        return self.evaluation or self.loss_fn
+
+    def optimizers(self, cfg: TrainConfig) -> tuple[Optimizers, optax.Schedule]:
+        """``(tx, schedule)`` from ``cfg`` (:func:`~genjax.train.optim.make_optimizer`):
+        one optimizer, or with grouped updates a dict of one per group."""
+        tx, schedule = make_optimizer(cfg)
+        groups = [u.group for u in self.updates if u.group is not None]
+        if groups:
+            return {group: make_optimizer(cfg)[0] for group in dict.fromkeys(groups)}, schedule
+        return tx, schedule
 
 
 @dataclasses.dataclass
@@ -198,6 +248,21 @@ def _set_aside_records_after(path: pathlib.Path, step: int, log) -> None:
             f"from; moved them to {aside.name}")
 
 
+def _losses(metrics: Mapping[str, Any]) -> dict:
+    """A train step's losses: ``loss``, or each update's ``{name}_loss``."""
+    return {k: v for k, v in metrics.items() if k == "loss" or k.endswith("_loss")}
+
+
+def _saved_form(state: TrainState) -> dict:
+    """The train state as checkpoints hold it: a dict of its fields, without
+    ``model_state`` when there is none (so that checkpoints of models without state keep
+    the layout they always had, and older ones still restore)."""
+    saved = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if state.model_state is not None:
+        saved["model_state"] = state.model_state
+    return saved
+
+
 def _write_json(path: pathlib.Path, obj) -> None:
     """Write ``obj`` to ``path`` whole or not at all (a temporary file, then a rename)."""
     partial = path.with_name(path.name + ".partial")
@@ -205,11 +270,12 @@ def _write_json(path: pathlib.Path, obj) -> None:
     partial.replace(path)
 
 
-def evaluate(task: Task, engine: Engine, eval_step, params, key: jax.Array,
+def evaluate(task: Task, engine: Engine, eval_step, variables, key: jax.Array,
              global_batch: int) -> dict:
     """Mean eval metrics of each split, as ``{split}_{metric}`` floats (dropout off).
 
-    ``params`` are replicated on the engine's devices; each split's batches come from
+    ``variables`` (the parameters, or the Flax variables of a model with state) are
+    replicated on the engine's devices; each split's batches come from
     ``task.eval_batches(split, fold_in(key, split index), start, stop)``, where
     ``[start, stop)`` is this process's share of a global batch of ``global_batch``.
     """
@@ -219,7 +285,7 @@ def evaluate(task: Task, engine: Engine, eval_step, params, key: jax.Array,
         split_key = jax.random.fold_in(key, i)
         sums, n = None, 0
         for j, batch in enumerate(task.eval_batches(split, split_key, start, stop)):
-            m = eval_step(params, engine.put_batch(batch), jax.random.fold_in(split_key, j))
+            m = eval_step(variables, engine.put_batch(batch), jax.random.fold_in(split_key, j))
             # One program in flight at a time (see MAX_IN_FLIGHT in fit).
             sums = jax.block_until_ready(m if sums is None else jax.tree.map(jnp.add, sums, m))
             n += 1
@@ -253,24 +319,27 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     run_dir = pathlib.Path(run_dir)
     start, stop = engine.local_share(cfg.batch_size)
 
-    tx, schedule = make_optimizer(cfg)
+    tx, schedule = task.optimizers(cfg)
     keys = run_keys(cfg.seed)
 
     def init_state(key):
-        return create_train_state(task.init_params(key), tx)
+        model_state = task.init_model_state(key) if task.init_model_state else None
+        return create_train_state(task.init_params(key), tx, model_state)
 
     if resume:
-        abstract = {"train": abstract_like(jax.eval_shape(init_state, keys["init"]), engine.replicated),
+        abstract = {"train": abstract_like(_saved_form(jax.eval_shape(init_state, keys["init"])),
+                                           engine.replicated),
                     "keys": abstract_like(keys, engine.replicated)}
         ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
         step0, restored, _ = ckpt.restore_latest(abstract, _model_meta_checker(task.meta))
-        state, keys = restored["train"], restored["keys"]
+        state, keys = TrainState(**restored["train"]), restored["keys"]
         log(f"resumed {run_dir} from step {step0}")
         if step0 >= cfg.max_iters:
             log(f"the checkpoint is at step {step0}, at or past --max-iters {cfg.max_iters}: "
                 "nothing to train (raise --max-iters to continue)")
     else:
-        state = init_train_state(task.init_params, tx, keys["init"], engine.replicated)
+        state = init_train_state(task.init_params, tx, keys["init"], engine.replicated,
+                                 task.init_model_state)
         keys = engine.put_replicated(keys)
         step0 = 0
 
@@ -285,23 +354,23 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     if task.batches_in_step:
         batch_size = cfg.batch_size
         train_step = engine.compile_train_step(
-            task.loss_fn, tx, schedule,
+            task.objective, tx, schedule,
             batch_fn=lambda data_key, step: task.train_batch(data_key, step, 0, batch_size))
     else:
-        train_step = engine.compile_train_step(task.loss_fn, tx, schedule)
+        train_step = engine.compile_train_step(task.objective, tx, schedule)
     if task.eval_batch is not None:  # the whole evaluation in one program
         batch_size = cfg.batch_size
         eval_program = engine.compile_eval_program(
-            task.loss_fn, lambda split, key: task.eval_batch(split, key, 0, batch_size),
+            task.eval_objective, lambda split, key: task.eval_batch(split, key, 0, batch_size),
             task.eval_splits, task.eval_iters)
 
-        def run_eval(params, key) -> dict:
-            return {k: float(v) for k, v in jax.device_get(eval_program(params, key)).items()}
+        def run_eval(variables, key) -> dict:
+            return {k: float(v) for k, v in jax.device_get(eval_program(variables, key)).items()}
     else:
-        eval_step = engine.compile_eval_step(task.loss_fn)
+        eval_step = engine.compile_eval_step(task.eval_objective)
 
-        def run_eval(params, key) -> dict:
-            return evaluate(task, engine, eval_step, params, key, cfg.batch_size)
+        def run_eval(variables, key) -> dict:
+            return evaluate(task, engine, eval_step, variables, key, cfg.batch_size)
     log(f"{task.name}: {engine.describe(cfg.batch_size)}")
 
     metrics_path = run_dir / "metrics.jsonl"
@@ -322,27 +391,28 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
 
     def do_eval(step: int, last_metrics) -> None:
         record = {"step": step}
-        record.update(run_eval(state.params, jax.random.fold_in(keys["eval"], step)))
+        record.update(run_eval(state.variables, jax.random.fold_in(keys["eval"], step)))
         if task.report is not None:
             report_key = engine.to_single_device(jax.random.fold_in(keys["eval"], step))
-            record.update(task.report(engine.to_single_device(state.params), report_key,
+            record.update(task.report(engine.to_single_device(state.variables), report_key,
                                       step) or {})
         if timer["steps"]:
             record[rate_key] = timer["steps"] * items_per_step / timer["seconds"]
         record["lr"] = float(schedule(step))
-        if last_metrics is not None:
-            record["batch_loss"] = float(last_metrics["loss"])
+        if last_metrics is not None:  # the losses of the last training step
+            record.update({f"batch_{k}": float(v) for k, v in _losses(last_metrics).items()})
         record["elapsed_s"] = time.perf_counter() - t_start
         history.append(record)
         if is_main_process():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        shown = {k: v for k, v in record.items() if k.endswith("_loss") and k != "batch_loss"}
+        shown = {k: v for k, v in record.items()
+                 if k.endswith("_loss") and not k.startswith("batch_")}
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         timer.update(steps=0, seconds=0.0)
 
     def save(step: int) -> None:
-        ckpt.save(step, {"train": state, "keys": keys}, dict(task.meta))
+        ckpt.save(step, {"train": _saved_form(state), "keys": keys}, dict(task.meta))
 
     if step0 == 0:
         do_eval(0, None)
@@ -373,9 +443,11 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
                 timer["pending"] += 1
             at_eval = done % cfg.eval_interval == 0 or done == cfg.max_iters
             if at_eval or done % cfg.log_interval == 0:
-                loss = float(metrics["loss"])  # waits for the device
+                losses = {k: float(v) for k, v in _losses(metrics).items()}  # waits for the device
                 rate = measure()
-                bar.set_postfix_str(f"loss {loss:.4f}, {rate:,.0f} {task.item_name}/s")
+                bar.set_postfix_str(", ".join(f"{k.replace('_', ' ')} {v:.4f}"
+                                              for k, v in losses.items())
+                                    + f", {rate:,.0f} {task.item_name}/s")
             if at_eval:
                 do_eval(done, metrics)
                 save(done)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import chex
 import jax
@@ -27,8 +27,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from genjax.train.steps import (LossFn, make_batch_drawing_eval,
-                                make_batch_drawing_train_step, make_eval_step, make_train_step)
+from genjax.train.steps import (Evaluation, LossFn, Objective, Optimizers,
+                                make_batch_drawing_eval, make_batch_drawing_train_step,
+                                make_eval_step, make_train_step)
 
 _HOST_FLAG = "xla_force_host_platform_device_count"
 PMAP_AXIS = "batch"
@@ -106,10 +107,13 @@ class Engine:
 
     # -- compiling steps -------------------------------------------------------------
 
-    def compile_train_step(self, loss_fn: LossFn, tx: optax.GradientTransformation,
+    def compile_train_step(self, objective: Objective, tx: Optimizers,
                            schedule: Optional[optax.Schedule] = None, batch_fn=None):
         """The compiled train step; the state is donated.
 
+        ``objective``: a ``loss_fn`` or a sequence of :class:`~genjax.train.steps.Update`
+        (``tx``: one optimizer, or one per update group); see
+        :func:`genjax.train.steps.make_train_step`.
         Without ``batch_fn``: ``(state, batch, key) -> (state, metrics)``, ``batch`` from
         :meth:`put_batch` (see :func:`genjax.train.steps.make_train_step`). With
         ``batch_fn`` (traceable ``(data_key, step) -> global batch``): ``(state,
@@ -119,14 +123,14 @@ class Engine:
         """
         if batch_fn is None:
             if self.kind == "pmap":
-                step = make_train_step(loss_fn, tx, schedule, axis_name=PMAP_AXIS)
+                step = make_train_step(objective, tx, schedule, axis_name=PMAP_AXIS)
                 return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None),
                                 out_axes=(None, None), devices=self.devices, donate_argnums=0)
-            step = make_train_step(loss_fn, tx, schedule)
+            step = make_train_step(objective, tx, schedule)
             second = self.batch_sharding  # the batch
         else:
             step = make_batch_drawing_train_step(
-                loss_fn, tx, batch_fn, schedule,
+                objective, tx, batch_fn, schedule,
                 axis_name=PMAP_AXIS if self.kind == "pmap" else None,
                 n_shares=self.n_devices,
                 batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
@@ -138,29 +142,30 @@ class Engine:
                            out_shardings=(self.replicated, self.replicated), donate_argnums=0)
         return jax.jit(step, donate_argnums=0)
 
-    def compile_eval_step(self, loss_fn: LossFn):
-        """The compiled ``(params, batch, key) -> metrics`` with dropout off."""
+    def compile_eval_step(self, objective: Union[LossFn, Evaluation]):
+        """The compiled ``(variables, batch, key) -> metrics`` with dropout off (see
+        :func:`genjax.train.steps.make_eval_step`)."""
         if self.kind == "pmap":
-            step = make_eval_step(loss_fn, axis_name=PMAP_AXIS)
+            step = make_eval_step(objective, axis_name=PMAP_AXIS)
             return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None), out_axes=None,
                             devices=self.devices)
-        step = make_eval_step(loss_fn)
+        step = make_eval_step(objective)
         if self.kind == "sharding":
             return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                            out_shardings=self.replicated)
         return jax.jit(step)
 
-    def compile_eval_program(self, loss_fn: LossFn, batch_fn, splits: tuple[str, ...],
-                             n_batches: int):
-        """The compiled ``(params, key) -> metrics``: a whole evaluation in one program.
+    def compile_eval_program(self, objective: Union[LossFn, Evaluation], batch_fn,
+                             splits: tuple[str, ...], n_batches: int):
+        """The compiled ``(variables, key) -> metrics``: a whole evaluation in one program.
 
         ``batch_fn``: traceable ``(split, key) -> global batch``. See
         :func:`genjax.train.steps.make_batch_drawing_eval` (metrics named
-        ``{split}_{name}``, means over ``n_batches`` batches per split). ``params`` and
-        ``key`` are replicated arrays; so are the returned metrics.
+        ``{split}_{name}``, means over ``n_batches`` batches per split). ``variables``
+        and ``key`` are replicated arrays; so are the returned metrics.
         """
         evaluate = make_batch_drawing_eval(
-            loss_fn, batch_fn, splits, n_batches,
+            objective, batch_fn, splits, n_batches,
             axis_name=PMAP_AXIS if self.kind == "pmap" else None, n_shares=self.n_devices,
             batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
         if self.kind == "pmap":

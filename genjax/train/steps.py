@@ -1,19 +1,22 @@
 """Train state and the pure train / eval step functions shared by every model family.
 
-A model family supplies one loss function with the signature
+A model family supplies either one loss function with the signature
 
     loss_fn(params, batch, key, train) -> (loss, metrics)
 
 where ``batch`` is a pytree of arrays whose leading axis is the batch, ``key`` a PRNG key
 (dropout, reparameterisation noise), ``train`` a Python bool (dropout on or off), ``loss`` a
 float32 scalar averaged over the batch and ``metrics`` a dict of float32 scalars, also
-batch means. Everything else (gradients, optimizer, devices) is here.
+batch means; or, for models with state besides their parameters (BatchNorm statistics) or
+with several players (a GAN's discriminator and generator), a sequence of :class:`Update` s
+and an :class:`Evaluation`. Everything else (gradients, optimizers, devices) is here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.flatten_util
@@ -22,6 +25,9 @@ import optax
 from flax import struct
 
 LossFn = Callable[[Any, Any, jax.Array, bool], tuple[jax.Array, dict]]
+UpdateLossFn = Callable[[Any, Any, jax.Array, Optional[str]], tuple[jax.Array, tuple[dict, Any]]]
+MetricsFn = Callable[[Any, Any, jax.Array, Optional[str]], dict]
+Optimizers = Union[optax.GradientTransformation, Mapping[str, optax.GradientTransformation]]
 
 
 @struct.dataclass
@@ -29,19 +35,155 @@ class TrainState:
     """Everything that changes during training, as one pytree.
 
     Attributes:
-      step: int32 scalar, optimizer updates done so far.
-      params: the model parameters.
-      opt_state: the optax optimizer state.
+      step: int32 scalar, train steps done so far.
+      params: the model parameters; with several players (:class:`Update` ``group``), a
+        dict of one parameter tree per group.
+      opt_state: the optax optimizer state; with several groups, a dict of one per group.
+      model_state: state besides the parameters that the train step updates, such as
+        Flax's ``{'batch_stats': ...}`` (BatchNorm running statistics); None without.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any = None
+
+    @property
+    def variables(self):
+        """What loss and evaluation functions receive: see :func:`model_variables`."""
+        return model_variables(self.params, self.model_state)
 
 
-def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
-    """A state at step 0 for ``params`` with a fresh optimizer state of ``tx``."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+def model_variables(params, model_state):
+    """``params`` alone for a model without state, else the Flax variables
+    ``{'params': params, **model_state}`` (``model_state`` as ``{'batch_stats': ...}``)."""
+    return params if model_state is None else {"params": params, **model_state}
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One optimizer update of a train step: the gradient of ``loss_fn`` with respect to
+    one group of parameters, applied by that group's optimizer.
+
+    A train step made of several updates (a GAN's discriminator update, then its
+    generator update) runs them in order inside one compiled program, each seeing the
+    parameters and model state that the previous one left.
+
+    Attributes:
+      loss_fn: ``(variables, batch, key, axis_name) -> (loss, (metrics, model_state))``.
+        ``variables`` as :func:`model_variables` (dropout and BatchNorm in training mode
+        are the function's to choose); ``key`` is this update's PRNG key, the same on
+        every device (draw per-example noise for the global batch and keep this device's
+        rows with :func:`global_draw`, so that a run does not depend on the device
+        count); ``axis_name`` names the device axis under ``jax.pmap`` (None otherwise),
+        for collectives such as synchronised BatchNorm (``nn.BatchNorm(axis_name=...)``).
+        ``loss`` is a float32 scalar (batch mean), ``metrics`` a dict of float32 scalars,
+        ``model_state`` the new state (the one given, for a function that changes none).
+      group: the key of ``params`` (and of the optimizers) this update trains; None: all
+        the parameters, with the one optimizer. Parameters outside the group, and their
+        optimizer state, are left exactly as they were.
+      name: prefix of this update's metrics: ``{name}_loss``, ``{name}_grad_norm``
+        (``loss`` and ``grad_norm`` when empty).
+      repeats: updates in a row per train step (a GAN's ``d_steps``). With repeats > 1
+        every leaf of the batch has a second axis of this size, and repeat ``r`` sees
+        ``x[:, r]``; the metrics are those of the last repeat.
+
+    Raises:
+      ValueError: ``repeats`` not a positive integer.
+    """
+
+    loss_fn: UpdateLossFn
+    group: Optional[str] = None
+    name: str = ""
+    repeats: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.repeats, int) or isinstance(self.repeats, bool) or self.repeats < 1:
+            raise ValueError(f"Update.repeats must be a positive integer, got {self.repeats!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """An evaluation function for models that a plain ``loss_fn`` does not describe.
+
+    Attributes:
+      metrics_fn: ``(variables, batch, key, axis_name) -> metrics``: float32 batch means
+        (``variables``, ``key`` and ``axis_name`` as in :class:`Update`; the key is the
+        same on every device). Evaluation reports each as ``{split}_{name}``.
+    """
+
+    metrics_fn: MetricsFn
+
+
+Objective = Union[LossFn, Sequence[Update]]
+
+
+def as_updates(objective: Objective) -> tuple[Update, ...]:
+    """The updates of a train step: ``objective`` itself, or for a plain ``loss_fn`` one
+    update of every parameter, with dropout on and the device index folded into the key
+    under ``pmap`` (so no two devices share a dropout mask)."""
+    if not callable(objective):
+        updates = tuple(objective)
+        if not updates or not all(isinstance(u, Update) for u in updates):
+            raise ValueError("a train step needs a loss function or a non-empty sequence of "
+                             f"Update, got {objective!r}")
+        return updates
+    loss_fn = objective
+
+    def update_loss(params, batch, key, axis_name):
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        loss, metrics = loss_fn(params, batch, key, True)
+        return loss, (metrics, None)
+
+    return (Update(update_loss),)
+
+
+def as_evaluation(objective: Union[LossFn, Evaluation]) -> Evaluation:
+    """``objective`` itself, or for a plain ``loss_fn`` its value and metrics with dropout
+    off (``{'loss': loss, **metrics}``), the device index folded into the key under
+    ``pmap``."""
+    if isinstance(objective, Evaluation):
+        return objective
+    loss_fn = objective
+
+    def metrics_fn(params, batch, key, axis_name):
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        loss, metrics = loss_fn(params, batch, key, False)
+        return {"loss": loss, **metrics}
+
+    return Evaluation(metrics_fn)
+
+
+def global_draw(sample: Callable[[jax.Array, int], Any], key: jax.Array, local_batch: int,
+                axis_name: Optional[str]):
+    """This device's rows of ``sample(key, global_batch)``: per-example noise (a GAN's z)
+    drawn for the whole global batch, so that its values do not depend on how the batch
+    is split over devices.
+
+    Args:
+      sample: ``(key, n) -> pytree of arrays with leading axis n``.
+      key: the same key on every device.
+      local_batch: this device's share of the batch (the global batch without ``pmap``).
+      axis_name: the ``pmap`` axis, or None (one program sees the global batch).
+    """
+    if axis_name is None:
+        return sample(key, local_batch)
+    draw = sample(key, local_batch * jax.lax.axis_size(axis_name))
+    start = jax.lax.axis_index(axis_name) * local_batch
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, local_batch), draw)
+
+
+def create_train_state(params, tx: Optimizers, model_state=None) -> TrainState:
+    """A state at step 0 for ``params`` with a fresh optimizer state of ``tx`` (one
+    optimizer, or a dict of one per parameter group: ``params[group]``)."""
+    if isinstance(tx, Mapping):
+        opt_state = {group: t.init(params[group]) for group, t in tx.items()}
+    else:
+        opt_state = tx.init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      model_state=model_state)
 
 
 # Programs that run once (parameter init) are compiled without XLA's backend optimisation:
@@ -49,57 +191,112 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-def init_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
-                     key: jax.Array, sharding=None) -> TrainState:
-    """A fresh :class:`TrainState`: ``init_params(key)``, then the optimizer state.
+def init_train_state(init_params: Callable[[jax.Array], Any], tx: Optimizers,
+                     key: jax.Array, sharding=None,
+                     init_model_state: Optional[Callable[[jax.Array], Any]] = None) -> TrainState:
+    """A fresh :class:`TrainState`: ``init_params(key)`` (and ``init_model_state(key)``),
+    then the optimizer state.
 
     The init program runs once, so it is compiled with :data:`RUN_ONCE_COMPILER_OPTIONS`
     (the same random draws; float rounding may differ from an optimised build in the last
     bit). ``sharding``: where the state goes (replicated over the engine's devices).
     """
     params = jax.jit(init_params, compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
-    return jax.jit(lambda p: create_train_state(p, tx), out_shardings=sharding)(params)
+    model_state = None
+    if init_model_state is not None:
+        model_state = jax.jit(init_model_state, compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
+    return jax.jit(lambda p, s: create_train_state(p, tx, s), out_shardings=sharding)(
+        params, model_state)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+def _check_groups(updates: Sequence[Update], tx: Optimizers) -> None:
+    for update in updates:
+        if update.group is None and isinstance(tx, Mapping):
+            raise ValueError("an Update without a group trains every parameter with one "
+                             f"optimizer, but optimizers were given per group {sorted(tx)}")
+        if update.group is not None and (not isinstance(tx, Mapping) or update.group not in tx):
+            have = sorted(tx) if isinstance(tx, Mapping) else "one optimizer for all"
+            raise ValueError(f"Update group {update.group!r} has no optimizer (have: {have})")
+
+
+def make_train_step(objective: Objective, tx: Optimizers,
                     schedule: Optional[optax.Schedule] = None,
                     axis_name: Optional[str] = None):
     """Build the pure step ``(state, batch, key) -> (state, metrics)``.
 
-    One step: the loss and its gradients on ``batch`` (dropout on, keyed by ``key``), then
-    the optax update. With ``axis_name`` the step runs once per device on that device's
-    share of the batch (under ``jax.pmap``): each device folds its index into ``key`` so
-    no two devices share a dropout mask, and gradients, loss and metrics are averaged with
-    ``lax.pmean``, which leaves the updated parameters identical on every device.
+    One step runs the updates of ``objective`` (see :func:`as_updates`) in order: for
+    each, the loss and its gradients with respect to its parameter group on ``batch``,
+    then that group's optax update; update ``i`` of several draws with
+    ``fold_in(key, i)`` (repeat ``r`` of it with a further ``fold_in(., r)``), a single
+    update with ``key`` itself. With ``axis_name`` the step runs once per device on that
+    device's share of the batch (under ``jax.pmap``): gradients, loss, metrics and the new
+    model state are averaged with ``lax.pmean`` (one all-reduce of one flat vector per
+    update), which leaves parameters and model state identical on every device.
 
-    ``metrics`` holds ``loss``, the loss function's metrics, ``grad_norm`` (global L2 norm
-    of the averaged gradients) and, with ``schedule``, ``lr`` (the rate used at this step).
+    Args:
+      objective: a ``loss_fn`` (one update of every parameter) or a sequence of
+        :class:`Update`.
+      tx: one optax optimizer, or with grouped updates a dict of one per group.
+      schedule: the learning rate by step, reported as ``lr``.
+
+    ``metrics`` holds each update's ``loss`` and ``grad_norm`` (global L2 norm of the
+    averaged gradients), prefixed by its name, its loss function's metrics and, with
+    ``schedule``, ``lr`` (the rate used at this step).
+
+    Raises:
+      ValueError: an update whose group has no optimizer in ``tx``.
     """
+    updates = as_updates(objective)
+    _check_groups(updates, tx)
 
-    def train_step(state: TrainState, batch, key):
-        if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    def apply_update(update: Update, params, opt_state, model_state, batch, key):
+        group = update.group
+        trained = params if group is None else params[group]
 
-        def objective(params):
-            return loss_fn(params, batch, key, True)
+        def loss_of(trained):
+            full = trained if group is None else {**params, group: trained}
+            return update.loss_fn(model_variables(full, model_state), batch, key, axis_name)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        metrics = {"loss": loss, **metrics}
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+        prefix = f"{update.name}_" if update.name else ""
+        metrics = {f"{prefix}loss": loss, **metrics}
         if axis_name is not None:
             # One all-reduce of one flat vector rather than one per leaf.
-            flat, unravel = jax.flatten_util.ravel_pytree((grads, metrics))
-            grads, metrics = unravel(jax.lax.pmean(flat, axis_name))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+            flat, unravel = jax.flatten_util.ravel_pytree((grads, metrics, model_state))
+            grads, metrics, model_state = unravel(jax.lax.pmean(flat, axis_name))
+        group_tx = tx if group is None else tx[group]
+        group_opt = opt_state if group is None else opt_state[group]
+        changes, group_opt = group_tx.update(grads, group_opt, trained)
+        trained = optax.apply_updates(trained, changes)
+        metrics[f"{prefix}grad_norm"] = optax.tree.norm(grads)
+        if group is None:
+            return trained, group_opt, model_state, metrics
+        return ({**params, group: trained}, {**opt_state, group: group_opt}, model_state,
+                metrics)
+
+    def train_step(state: TrainState, batch, key):
+        params, opt_state, model_state = state.params, state.opt_state, state.model_state
+        metrics = {}
+        for i, update in enumerate(updates):
+            update_key = key if len(updates) == 1 else jax.random.fold_in(key, i)
+            for r in range(update.repeats):
+                if update.repeats == 1:
+                    repeat_key, repeat_batch = update_key, batch
+                else:
+                    repeat_key = jax.random.fold_in(update_key, r)
+                    repeat_batch = jax.tree.map(lambda x: x[:, r], batch)
+                params, opt_state, model_state, update_metrics = apply_update(
+                    update, params, opt_state, model_state, repeat_batch, repeat_key)
+            metrics.update(update_metrics)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             model_state=model_state), metrics
 
     return train_step
 
 
-def make_batch_drawing_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
+def make_batch_drawing_train_step(objective: Objective, tx: Optimizers,
                                   batch_fn: Callable[[jax.Array, jax.Array], Any],
                                   schedule: Optional[optax.Schedule] = None,
                                   axis_name: Optional[str] = None, n_shares: int = 1,
@@ -112,13 +309,14 @@ def make_batch_drawing_train_step(loss_fn: LossFn, tx: optax.GradientTransformat
     would pass (see :func:`genjax.train.loop.fit`), without any host work per step.
 
     Args:
+      objective, tx, schedule: as :func:`make_train_step`.
       batch_fn: ``(data_key, step) -> batch``, traceable (``step`` is an int32 tracer),
         returning the global batch (leading axis: the global batch size).
       axis_name, n_shares: under ``jax.pmap``, each of the ``n_shares`` devices keeps
         its contiguous share of the global batch (by ``lax.axis_index``).
       batch_sharding: under ``jax.jit`` with a mesh, the batch's sharding constraint.
     """
-    train_step = make_train_step(loss_fn, tx, schedule, axis_name)
+    train_step = make_train_step(objective, tx, schedule, axis_name)
 
     def step(state: TrainState, data_key, dropout_key):
         batch = batch_fn(data_key, state.step)  # the global batch of this step
@@ -145,18 +343,18 @@ def _device_share(batch, axis_name: Optional[str], n_shares: int, batch_sharding
     return batch
 
 
-def make_eval_step(loss_fn: LossFn, axis_name: Optional[str] = None):
-    """Build the pure step ``(params, batch, key) -> metrics`` with dropout off.
+def make_eval_step(objective: Union[LossFn, Evaluation], axis_name: Optional[str] = None):
+    """Build the pure step ``(variables, batch, key) -> metrics`` (dropout off).
 
-    ``metrics`` holds ``loss`` and the loss function's metrics, batch means (averaged over
+    ``objective``: a ``loss_fn``, whose metrics are ``loss`` and its own, or an
+    :class:`Evaluation`; ``variables``: the parameters, or the Flax variables of a model
+    with state (:func:`model_variables`). The metrics are batch means (averaged over
     devices with ``lax.pmean`` when ``axis_name`` is given).
     """
+    evaluation = as_evaluation(objective)
 
-    def eval_step(params, batch, key):
-        if axis_name is not None:
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-        loss, metrics = loss_fn(params, batch, key, False)
-        metrics = {"loss": loss, **metrics}
+    def eval_step(variables, batch, key):
+        metrics = evaluation.metrics_fn(variables, batch, key, axis_name)
         if axis_name is not None:
             metrics = jax.lax.pmean(metrics, axis_name)
         return metrics
@@ -164,29 +362,29 @@ def make_eval_step(loss_fn: LossFn, axis_name: Optional[str] = None):
     return eval_step
 
 
-def make_batch_drawing_eval(loss_fn: LossFn, batch_fn: Callable[[str, jax.Array], Any],
+def make_batch_drawing_eval(objective: Union[LossFn, Evaluation], batch_fn: Callable[[str, jax.Array], Any],
                             splits: tuple[str, ...], n_batches: int,
                             axis_name: Optional[str] = None, n_shares: int = 1,
                             batch_sharding=None):
-    """Build ``(params, key) -> metrics``: a whole evaluation as one program.
+    """Build ``(variables, key) -> metrics``: a whole evaluation as one program.
 
     The evaluation of :func:`genjax.train.loop.evaluate` (the lecture's
     ``estimate_loss``) without a host round trip per batch: for the split of index ``s``,
     batch ``j`` is ``batch_fn(split, k)`` with ``k = fold_in(fold_in(key, s), j)``, its
-    loss is computed with dropout off and key ``k`` (with the device index folded in under
-    ``pmap``, as :func:`make_eval_step`), and the ``n_batches`` batches are looped over
+    metrics are computed as :func:`make_eval_step` computes them, with key ``k``, and the ``n_batches`` batches are looped over
     with ``lax.fori_loop``, one batch in memory at a time. The batches and keys are those
     of the host path, so the results agree with it to float rounding.
 
     Args:
+      objective: a ``loss_fn`` or an :class:`Evaluation` (see :func:`make_eval_step`).
       batch_fn: ``(split, key) -> global batch``, traceable; ``split`` is a Python str.
       splits: the split names, in order.
       n_batches: batches per split, >= 1.
       axis_name, n_shares, batch_sharding: as :func:`make_batch_drawing_train_step`.
 
     Returns:
-      A function giving ``{f"{split}_{name}": float32 scalar}`` for ``loss`` and every
-      metric of ``loss_fn``: means over the batches (and devices).
+      A function giving ``{f"{split}_{name}": float32 scalar}`` for every metric: means
+      over the batches (and devices).
 
     Raises:
       ValueError: ``n_batches < 1``.
@@ -194,21 +392,19 @@ def make_batch_drawing_eval(loss_fn: LossFn, batch_fn: Callable[[str, jax.Array]
     if n_batches < 1:
         raise ValueError(f"an evaluation needs at least one batch per split, got {n_batches}")
 
+    evaluation = as_evaluation(objective)
     n_splits = len(splits)
     # One loop over every (split, batch) pair, so the model is compiled once; only the
     # batch drawing differs between splits (lax.switch).
     draw = [functools.partial(batch_fn, split) for split in splits]
 
-    def evaluate(params, key):
+    def evaluate(variables, key):
         def metrics_of(i):
             s, j = i // n_batches, i % n_batches
             batch_key = jax.random.fold_in(jax.random.fold_in(key, s), j)
             batch = jax.lax.switch(s, draw, batch_key) if n_splits > 1 else draw[0](batch_key)
             batch = _device_share(batch, axis_name, n_shares, batch_sharding)
-            if axis_name is not None:
-                batch_key = jax.random.fold_in(batch_key, jax.lax.axis_index(axis_name))
-            loss, metrics = loss_fn(params, batch, batch_key, False)
-            return s, {"loss": loss, **metrics}
+            return s, evaluation.metrics_fn(variables, batch, batch_key, axis_name)
 
         def add(i, sums):
             s, metrics = metrics_of(i)
