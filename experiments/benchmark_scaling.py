@@ -57,7 +57,7 @@ def measure(args: Args, n_devices: int) -> list[dict]:
 
     from experiments.gpt_shakespeare import PRESETS
     from genjax.data.text import CharTokenizer, TextData
-    from genjax.models.gpt import make_task
+    from genjax.tasks.gpt import make_task
     from genjax.train.optim import make_optimizer
     from genjax.train.parallel import make_engine
     from genjax.train.steps import init_train_state
@@ -117,7 +117,7 @@ def roofline(preset: str, batch: int) -> dict:
 
     from experiments.gpt_shakespeare import PRESETS
     from genjax.data.text import CharTokenizer, TextData
-    from genjax.models.gpt import make_task
+    from genjax.tasks.gpt import make_task
 
     model_cfg, _ = PRESETS[preset]
     tokens = jnp.zeros((10_000,), jnp.int32)

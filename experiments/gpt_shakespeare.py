@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import tyro
 
 from genjax.data.text import CharTokenizer, load_text_data
-from genjax.models.gpt import GPT, GPTConfig, count_params, make_task
+from genjax.models.gpt import GPT, GPTConfig, count_params
+from genjax.tasks.gpt import make_task
 from genjax.train.checkpoint import load_latest
 from genjax.train.cli import (RunArgs, enable_compile_cache, own_default, parse_command,
                               planned_batch_size, preset_default, resolve_configs, resumed_path,

@@ -3,7 +3,8 @@
 import dataclasses
 
 from genjax.data.text import make_text_data, split_text
-from genjax.models.gpt import GPTConfig, make_task
+from genjax.models.gpt import GPTConfig
+from genjax.tasks.gpt import make_task
 from genjax.train.config import TrainConfig
 
 

@@ -1,0 +1,60 @@
+"""The GPT's task: how the character-level GPT, Tiny Shakespeare batches and the
+next-token loss meet :func:`genjax.train.loop.fit`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from genjax.data.text import TextData, get_batch
+from genjax.models.gpt import GPT, GPTConfig, make_loss_fn
+from genjax.train.loop import Task
+
+
+def make_task(config: GPTConfig, data: TextData, batch_size: int, eval_iters: int,
+              name: str = "gpt") -> Task:
+    """The :class:`genjax.train.loop.Task` of a GPT trained on ``data``.
+
+    Args:
+      config: the model config; ``config.vocab_size`` must equal the tokenizer's.
+      data: a :class:`genjax.data.text.TextData`.
+      batch_size: the global batch size.
+      eval_iters: random batches per split averaged by ``estimate_loss`` (the lecture's).
+
+    Raises:
+      ValueError: a vocabulary size that differs from the data's.
+    """
+    if config.vocab_size != data.tokenizer.vocab_size:
+        raise ValueError(f"GPTConfig.vocab_size={config.vocab_size} but the data has "
+                         f"{data.tokenizer.vocab_size} characters")
+    model = GPT(config)
+    T = config.block_size
+
+    def train_batch(data_key, step, start, stop):
+        return get_batch(data.train, jax.random.fold_in(data_key, step), batch_size, T,
+                         start, stop)
+
+    def eval_batch(split, key, start, stop):
+        return get_batch(data.split(split), key, batch_size, T, start, stop)
+
+    def eval_batches(split, key, start, stop):
+        # The lecture's estimate_loss: eval_iters random batches of the split.
+        for i in range(eval_iters):
+            yield eval_batch(split, jax.random.fold_in(key, i), start, stop)
+
+    return Task(
+        name=name,
+        init_params=model.init_params,
+        loss_fn=make_loss_fn(model),
+        train_batch=train_batch,
+        eval_batches=eval_batches,
+        eval_splits=("train", "val"),
+        meta={"family": "gpt", "model": dataclasses.asdict(config),
+              "vocab": data.tokenizer.chars},
+        items_per_example=T,
+        item_name="tokens",
+        batches_in_step=True,  # get_batch is jax.numpy only: drawn inside the train step
+        eval_batch=eval_batch,  # and each evaluation is one program
+        eval_iters=eval_iters,
+    )
