@@ -1,13 +1,17 @@
 """Variational Auto-Encoder on MNIST (Kingma and Welling, 2014).
 
     python -m experiments.vae_mnist [--preset cpu|gpu] [--latent-dim 20] [--beta 1.0]
-        [--iwae-k 100] [--data-dir DIR] [--run-dir DIR] [--resume] ...
+        [--iwae-k 100] [--classifier DIR | --no-metrics] [--data-dir DIR] [--run-dir DIR]
+        [--resume] ...
 
 config -> data -> state -> train/eval steps -> loop (``genjax.train``). Each evaluation
 reports, over all held-out images and in nats per image, ``recon_nats``, ``kl_nats`` and
-``neg_elbo``, the final one also ``iwae_nll`` (the importance-weighted bound with ``--iwae-k``
-samples, k decoder passes per image), and writes ``samples-<step>.png`` (z ~ N(0, I)); at the end ``interpolation.png`` and, with
-``latent_dim=2``, ``manifold.png``.
+``neg_elbo``, the final one also ``iwae_nll`` (the importance-weighted bound with
+``--iwae-k`` samples, k decoder passes per image); with a trained MNIST classifier
+(``python -m experiments.mnist_classifier``), the sample-quality metrics of 1,000 prior
+samples (``frechet_distance``, ``inception_score``, ``classes_covered``,
+``class_entropy``); and writes ``samples-<step>.png`` (z ~ N(0, I)); at the end
+``interpolation.png`` and, with ``latent_dim=2``, ``manifold.png``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Annotated, Literal, Optional
 import tyro
 
 from genjax.data.mnist import load_mnist
+from genjax.metrics.mnist import N_SAMPLES, SampleQuality, describe, find_classifier
 from genjax.models.vae import VAEConfig
 from genjax.tasks.vae import final_figures, make_task
 from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
@@ -51,16 +56,24 @@ class Args(RunArgs):
     """Weight of the KL term (beta-VAE); 1 trains on the ELBO."""
     iwae_k: int = 100
     """Importance samples of the held-out log-likelihood bound."""
+    classifier: Annotated[Optional[str], own_default("DIR")] = None
+    """Run directory of the trained MNIST classifier of the sample-quality metrics
+    (default: the one experiments.mnist_classifier keeps for this data's split, when
+    trained; on --resume, the run's)."""
+    metrics: bool = True
+    """Sample-quality metrics of prior samples at each evaluation (--no-metrics: without)."""
 
 
-def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str]]:
-    """``(preset, model config, train config, data dir)``: the preset (or with ``--resume``
-    the run's saved config) with the flags' overrides. Raises ``ValueError`` on invalid
-    values."""
+def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str], Optional[str]]:
+    """``(preset, model config, train config, data dir, classifier dir)``: the preset (or
+    with ``--resume`` the run's saved config) with the flags' overrides, the paths the
+    resumed run's when not given. Raises ``ValueError`` on invalid values."""
     if args.iwae_k < 1:
         raise ValueError(f"--iwae-k must be >= 1, got {args.iwae_k}")
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
-    return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir"))
+    saved = saved or {}
+    return (preset, model, train, resumed_path(args.data_dir, saved.get("data_dir")),
+            resumed_path(args.classifier, saved.get("classifier")))
 
 
 def main(argv=None):
@@ -71,24 +84,30 @@ def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "vae_mnist")
-    preset, model_cfg, train_cfg, data_dir = resolve(args)
-    # data
+    preset, model_cfg, train_cfg, data_dir, classifier_dir = resolve(args)
+    # data, and the classifier of the metrics (before anything is written)
     data = load_mnist(data_dir, log=say)
+    classifier = find_classifier(classifier_dir, data.split_name, args.metrics, say)
+    quality = SampleQuality(classifier, data.test_images) if classifier else None
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
-        f"beta {model_cfg.beta}")
+        f"beta {model_cfg.beta}"
+        + (f"; metrics with the classifier in {classifier.directory} (held-out accuracy "
+           f"{classifier.accuracy:.2%})" if classifier else ""))
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, args.iwae_k,
-                     train_cfg.max_iters)
+                     train_cfg.max_iters, quality, N_SAMPLES)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": data.source, "data_dir": data_dir,
-              "iwae_k": args.iwae_k}
+              "iwae_k": args.iwae_k, "classifier": classifier_dir, "metrics": args.metrics}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
     final_figures(model_cfg, result, data)
     last = result.history[-1] if result.history else {}
     say(f"held-out per image: recon {last.get('recon_nats', float('nan')):.2f}, KL "
         f"{last.get('kl_nats', float('nan')):.2f}, -ELBO {last.get('neg_elbo', float('nan')):.2f}, "
         f"IWAE(k={args.iwae_k}) NLL <= {last.get('iwae_nll', float('nan')):.2f} nats")
+    if quality is not None:
+        say(f"prior samples: {describe(last)}")
     return result
 
 

@@ -70,3 +70,25 @@ def save_roc(path, scores_negative, scores_positive, auc: float, title: str = ""
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return pathlib.Path(path)
+
+
+def save_side_by_side(path, left, right, ncols: int, left_title: str, right_title: str,
+                      title: str = "") -> pathlib.Path:
+    """Save two grids of images (N, H, W, 1) float in [0, 1] side by side, ``ncols`` columns
+    each (real images beside generated ones)."""
+    plt = _plt()
+    grids = [np.clip(np.asarray(images, np.float32), 0.0, 1.0) for images in (left, right)]
+    nrows = max(-(-len(g) // ncols) for g in grids)
+    fig = plt.figure(figsize=(2 * ncols * 0.8 + 0.3, nrows * 0.8 + 0.6))
+    for sub, images, name in zip(fig.subfigures(1, 2, wspace=0.05), grids, (left_title, right_title)):
+        axes = sub.subplots(nrows, ncols, squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, img in zip(axes.ravel(), images):
+            ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
+        sub.suptitle(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1.0)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return pathlib.Path(path)

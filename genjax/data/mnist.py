@@ -37,6 +37,9 @@ class ImageData:
       train_images, test_images: float32 (N, 28, 28, 1) in [0, 1].
       train_labels, test_labels: int32 (N,).
       source: where the data came from, in words.
+      split_name: which split this is, as a name for files kept per split (the MNIST
+        classifier's cache): ``mnist`` (the standard 60,000 / 10,000) or
+        ``mnist-test-split`` (the 10,000 test images split 9,000 / 1,000).
     """
 
     train_images: np.ndarray
@@ -44,6 +47,7 @@ class ImageData:
     test_images: np.ndarray
     test_labels: np.ndarray
     source: str = ""
+    split_name: str = "mnist"
 
     def without_digit(self, digit: int) -> "ImageData":
         """The same data with ``digit`` removed from the training split only."""
@@ -130,7 +134,8 @@ def load_mnist_idx(data_dir, log: Callable[[str], None] = print) -> ImageData:
     log(f"only the {len(test[0]):,} MNIST test images are in {folder}: training on "
         f"{len(tr):,} of them and holding out {len(te):,} (a fixed permutation)")
     return ImageData(test[0][tr], test[1][tr], test[0][te], test[1][te],
-                     source=f"{folder}, test set split {len(tr)}/{len(te)}")
+                     source=f"{folder}, test set split {len(tr)}/{len(te)}",
+                     split_name="mnist-test-split")
 
 
 def load_mnist(data_dir=None, tfds_data_dir=None, log: Callable[[str], None] = print) -> ImageData:

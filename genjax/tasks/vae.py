@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from scipy.stats import norm
 
 from genjax import viz
 from genjax.data.mnist import ImageData, image_batch_fns
+from genjax.metrics.mnist import N_SAMPLES, SampleQuality
 from genjax.models.autoencoder import reconstruction_error
 from genjax.models.vae import VAE, VAEConfig, iwae_nll, kl_standard_normal, make_loss_fn
 from genjax.train.loop import FitResult, Task, is_main_process
@@ -48,14 +50,28 @@ def make_decoder(model: VAE):
     return jax.jit(lambda p, z: jax.nn.sigmoid(model.apply({"params": p}, z, method=VAE.decode)))
 
 
-def make_report(model: VAE, data: ImageData, run_dir, k: int, final_step: int):
+def prior_samples(decode, params, key, n: int, latent_dim: int, batch: int = 500) -> np.ndarray:
+    """``n`` images (n, 28, 28, 1) in [0, 1] decoded from z ~ N(0, I) drawn with ``key``."""
+    z = jax.random.normal(key, (n, latent_dim))
+    return np.concatenate([np.asarray(decode(params, z[i:i + batch])) for i in range(0, n, batch)])
+
+
+def make_report(model: VAE, data: ImageData, run_dir, k: int, final_step: int,
+                quality: Optional[SampleQuality] = None, n_samples: int = N_SAMPLES):
     """A ``Task.report``: held-out bounds (:func:`heldout_bounds`) and a grid of decoded
     z ~ N(0, I), ``samples-<step>.png``, at each evaluation; the IWAE bound (k decoder
-    passes per image) at the final one only, where it costs once."""
+    passes per image) at the final one only, where it costs once; with ``quality``, the
+    sample-quality metrics of ``n_samples`` prior samples (``frechet_distance``,
+    ``inception_score``, ``classes_covered``, ``class_entropy``)."""
     decode = make_decoder(model)
 
     def report(params, key, step):
-        out = heldout_bounds(model, params, data.test_images, key, k if step >= final_step else 0)
+        bounds_key, sample_key = jax.random.split(key)
+        out = heldout_bounds(model, params, data.test_images, bounds_key,
+                             k if step >= final_step else 0)
+        if quality is not None:
+            out.update(quality(prior_samples(decode, params, sample_key, n_samples,
+                                             model.config.latent_dim)))
         if is_main_process():
             z = jax.random.normal(jax.random.PRNGKey(0), (64, model.config.latent_dim))
             viz.save_image_grid(pathlib.Path(run_dir) / f"samples-{step}.png",
@@ -67,9 +83,11 @@ def make_report(model: VAE, data: ImageData, run_dir, k: int, final_step: int):
 
 
 def make_task(config: VAEConfig, data: ImageData, batch_size: int, run_dir, iwae_k: int,
-              max_iters: int) -> Task:
+              max_iters: int, quality: Optional[SampleQuality] = None,
+              n_samples: int = N_SAMPLES) -> Task:
     """The :class:`~genjax.train.loop.Task` of a VAE trained on ``data``; its report (see
-    :func:`make_report`) adds the IWAE bound with ``iwae_k`` samples at ``max_iters``.
+    :func:`make_report`) adds the IWAE bound with ``iwae_k`` samples at ``max_iters`` and,
+    with ``quality``, the sample-quality metrics of ``n_samples`` prior samples.
 
     Raises:
       ValueError: ``batch_size`` larger than the training or held-out set.
@@ -83,7 +101,7 @@ def make_task(config: VAEConfig, data: ImageData, batch_size: int, run_dir, iwae
         loss_fn=make_loss_fn(model), train_batch=train_batch, eval_batches=eval_batches,
         eval_splits=("test",), meta={"family": "vae", "model": dataclasses.asdict(config)},
         items_per_example=1, item_name="images",
-        report=make_report(model, data, run_dir, iwae_k, max_iters))
+        report=make_report(model, data, run_dir, iwae_k, max_iters, quality, n_samples))
 
 
 def final_figures(config: VAEConfig, result: FitResult, data: ImageData) -> None:

@@ -1,0 +1,116 @@
+"""DCGAN on MNIST (Goodfellow et al., 2014; Radford et al., 2016).
+
+    python -m experiments.gan_mnist [--preset cpu|gpu] [--latent-dim 100] [--loss bce|hinge]
+        [--label-smoothing S] [--d-steps K] [--classifier DIR | --no-metrics]
+        [--data-dir DIR] [--run-dir DIR] [--resume] ...
+
+config -> data -> state -> train/eval steps -> loop (``genjax.train``), the train step made of
+``--d-steps`` discriminator updates then one generator update. Each evaluation logs both
+players' held-out figures (``test_d_loss``, ``test_g_loss``, ``test_d_x``, ``test_d_g_z``,
+``test_d_accuracy``: 0.5 when D can no longer tell) and, with a trained MNIST classifier
+(``python -m experiments.mnist_classifier``), the sample-quality metrics of 1,000 samples
+(``frechet_distance``, ``inception_score``, ``classes_covered``, ``class_entropy``), and
+writes ``samples-<step>.png`` (the same z each time); at the end ``real-vs-generated.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Literal, Optional
+
+import tyro
+
+from genjax.data.mnist import load_mnist
+from genjax.metrics.mnist import N_SAMPLES, SampleQuality, describe, find_classifier
+from genjax.models.gan import GANConfig
+from genjax.tasks.gan import final_figures, make_task
+from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
+                              preset_default, resolve_configs, resumed_path, run_command, say,
+                              start_run)
+from genjax.train.config import TrainConfig
+from genjax.train.loop import fit
+
+# DCGAN's optimiser for both players: Adam, lr 2e-4, betas (0.5, 0.999), no weight decay.
+_ADAM = dict(learning_rate=2e-4, lr_schedule="constant", beta1=0.5, beta2=0.999, eps=1e-8,
+             weight_decay=0.0, grad_clip=None)
+
+PRESETS: dict[str, tuple[GANConfig, TrainConfig]] = {
+    "cpu": (GANConfig(latent_dim=100, g_features=(64, 32), d_features=(32, 64)),
+            TrainConfig(max_iters=3000, eval_interval=500, eval_iters=1, batch_size=64,
+                        seed=0, **_ADAM)),
+    "gpu": (GANConfig(latent_dim=100, g_features=(256, 128), d_features=(64, 128)),
+            TrainConfig(max_iters=20000, eval_interval=2000, eval_iters=1, batch_size=128,
+                        seed=0, **_ADAM)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Args(RunArgs):
+    """Train a DCGAN on MNIST."""
+
+    preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
+    """Hyperparameters (default: cpu without an accelerator, else gpu; on --resume, the
+    run's)."""
+    latent_dim: Annotated[Optional[int], preset_default("INT")] = None
+    """Size of z ~ N(0, I)."""
+    loss: Annotated[Optional[Literal["bce", "hinge"]], preset_default("{bce,hinge}")] = None
+    """bce: the discriminator's cross-entropy and the generator's non-saturating
+    -log D(G(z)); hinge: the hinge loss."""
+    label_smoothing: Annotated[Optional[float], preset_default("S")] = None
+    """One-sided label smoothing: real images' target 1 - S in the bce loss."""
+    d_steps: Annotated[Optional[int], preset_default("INT")] = None
+    """Discriminator updates per generator update."""
+    classifier: Annotated[Optional[str], own_default("DIR")] = None
+    """Run directory of the trained MNIST classifier of the sample-quality metrics
+    (default: the one experiments.mnist_classifier keeps for this data's split, when
+    trained; on --resume, the run's)."""
+    metrics: bool = True
+    """Sample-quality metrics at each evaluation (--no-metrics: without)."""
+
+
+def resolve(args: Args) -> tuple[str, GANConfig, TrainConfig, dict]:
+    """``(preset, model config, train config, flags)``: the preset (or with ``--resume``
+    the run's saved config) with the flags' overrides; ``flags`` holds ``data_dir``,
+    ``classifier`` (the resumed run's when not given) and ``metrics``. Raises
+    ``ValueError`` on invalid values."""
+    preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
+    saved = saved or {}
+    flags = {"data_dir": resumed_path(args.data_dir, saved.get("data_dir")),
+             "classifier": resumed_path(args.classifier, saved.get("classifier")),
+             "metrics": args.metrics}
+    return preset, model, train, flags
+
+
+def main(argv=None):
+    return run_command(run, tyro.cli(Args, args=argv, prog="python -m experiments.gan_mnist"))
+
+
+def run(args: Args):
+    """Train, evaluate and write the figures; returns the ``FitResult``."""
+    # config
+    run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "gan_mnist")
+    preset, model_cfg, train_cfg, flags = resolve(args)
+    # data, and the classifier of the metrics (before anything is written)
+    data = load_mnist(flags["data_dir"], log=say)
+    classifier = find_classifier(flags["classifier"], data.split_name, flags["metrics"], say)
+    quality = SampleQuality(classifier, data.test_images) if classifier else None
+    say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
+        f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
+        f"{model_cfg.loss} loss, {model_cfg.d_steps} discriminator step(s) per generator step"
+        + (f"; metrics with the classifier in {classifier.directory} (held-out accuracy "
+           f"{classifier.accuracy:.2%})" if classifier else ""))
+    # state, steps, loop
+    task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, quality, N_SAMPLES)
+    record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
+              "train": dataclasses.asdict(train_cfg), "data": data.source, **flags}
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
+    final_figures(model_cfg, result, data)
+    last = result.history[-1] if result.history else {}
+    say(f"held-out: discriminator accuracy {last.get('test_d_accuracy', float('nan')):.3f} "
+        f"(0.5: it cannot tell), D(x) {last.get('test_d_x', float('nan')):.3f}, "
+        f"D(G(z)) {last.get('test_d_g_z', float('nan')):.3f}; {describe(last)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

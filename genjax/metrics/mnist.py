@@ -1,0 +1,222 @@
+"""Sample-quality metrics of generated MNIST digits, with genjax's trained classifier.
+
+The classifier (:class:`genjax.models.classifier.MNISTClassifier`) is trained once by
+``python -m experiments.mnist_classifier``, which writes its run directory: Orbax
+checkpoints and ``classifier.json``, the record of the finished run (held-out accuracy,
+data, step, model config). :class:`TrainedClassifier` reads it back and refuses a
+classifier that is missing, unreadable or not trained (held-out accuracy below
+:data:`MIN_ACCURACY`); :class:`SampleQuality` turns its outputs into the figures of
+:mod:`genjax.metrics.sample_quality`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from genjax.metrics.sample_quality import (class_coverage, feature_statistics,
+                                           frechet_distance, inception_score)
+from genjax.models.classifier import ClassifierConfig, MNISTClassifier, init_params
+from genjax.train.checkpoint import load_latest
+
+RECORD = "classifier.json"
+FAMILY = "mnist_classifier"
+MIN_ACCURACY = 0.9
+"""Held-out accuracy below which a classifier counts as untrained: its features would make
+the distances meaningless."""
+CACHE_ENV = "GENJAX_CACHE_DIR"
+N_SAMPLES = 1000
+"""Samples per evaluation of a generator (the issue's and the README's figures use 1,000)."""
+
+
+def default_classifier_dir(split_name: str) -> pathlib.Path:
+    """Where ``python -m experiments.mnist_classifier`` keeps the classifier trained on the
+    MNIST split ``split_name`` (see :attr:`genjax.data.mnist.ImageData.split_name`):
+    ``$GENJAX_CACHE_DIR/mnist-classifier/<split_name>``, by default under
+    ``~/.cache/genjax``."""
+    base = os.environ.get(CACHE_ENV) or str(pathlib.Path("~/.cache/genjax").expanduser())
+    return pathlib.Path(base) / "mnist-classifier" / split_name
+
+
+def _train_command(directory) -> str:
+    return f"python -m experiments.mnist_classifier --run-dir {directory}"
+
+
+def write_record(run_dir, record: dict) -> pathlib.Path:
+    """Write ``classifier.json`` into ``run_dir`` whole or not at all (a temporary file,
+    then a rename): the mark of a finished, evaluated classifier run."""
+    path = pathlib.Path(run_dir) / RECORD
+    partial = path.with_name(RECORD + ".partial")
+    partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedClassifier:
+    """A trained MNIST classifier on one device, with the record of its training.
+
+    Attributes:
+      config: its :class:`~genjax.models.classifier.ClassifierConfig`.
+      params: its parameters.
+      record: the contents of ``classifier.json`` (``accuracy``, ``heldout_images``,
+        ``step``, ``data``, ``model``, and the real images' own figures under ``real``).
+      directory: the run directory it was read from.
+    """
+
+    config: ClassifierConfig
+    params: Any
+    record: dict
+    directory: pathlib.Path
+
+    @classmethod
+    def load(cls, directory, min_accuracy: float = MIN_ACCURACY,
+             log: Callable[[str], None] = print) -> "TrainedClassifier":
+        """Read the classifier of a finished ``experiments.mnist_classifier`` run.
+
+        Raises:
+          FileNotFoundError: no such directory, or no ``classifier.json`` in it (a run
+            that never finished); the message gives the command that trains one.
+          ValueError: a ``classifier.json`` that is not a classifier's record, a held-out
+            accuracy below ``min_accuracy``, or a checkpoint that is not the evaluated one
+            or does not fit the recorded model.
+          genjax.train.checkpoint.CheckpointError: no readable checkpoint.
+        """
+        directory = pathlib.Path(directory).expanduser().absolute()
+        path = directory / RECORD
+        if not path.is_file():
+            what = "is no directory" if not directory.is_dir() else f"holds no {RECORD}"
+            raise FileNotFoundError(f"no trained MNIST classifier: {directory} {what}; train one "
+                                    f"with `{_train_command(directory)}`")
+        try:
+            record = json.loads(path.read_text())
+            accuracy, step = float(record["accuracy"]), int(record["step"])
+            config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in record["model"].items()})
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path} is not a classifier record ({type(e).__name__}: {e}); "
+                             f"train the classifier again with `{_train_command(directory)}`") from None
+        if not accuracy >= min_accuracy:
+            raise ValueError(f"the MNIST classifier in {directory} has held-out accuracy "
+                             f"{accuracy:.2%}, below the {min_accuracy:.0%} that meaningful "
+                             f"sample-quality metrics need: train it (longer) with "
+                             f"`{_train_command(directory)}`")
+        saved_step, state, meta = load_latest(directory, log=log)
+        if meta.get("family") != FAMILY or saved_step != step:
+            raise ValueError(f"the checkpoint in {directory} (family {meta.get('family')!r}, "
+                             f"step {saved_step}) is not the classifier that {RECORD} "
+                             f"evaluated (step {step}); train it again with "
+                             f"`{_train_command(directory)}`")
+        params = state["train"]["params"]
+        expected = jax.eval_shape(lambda k: init_params(config, k), jax.random.PRNGKey(0))
+        shapes = jax.tree.map(lambda x: tuple(x.shape), params)
+        if jax.tree.map(lambda x: tuple(x.shape), expected) != shapes:
+            raise ValueError(f"the checkpoint in {directory} does not fit the model that {RECORD} "
+                             f"records ({record['model']}); train the classifier again")
+        return cls(config=config, params=params, record=record, directory=directory)
+
+    @property
+    def accuracy(self) -> float:
+        """Held-out accuracy recorded when the run finished, in [0, 1]."""
+        return float(self.record["accuracy"])
+
+    def outputs(self, images, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+        """``(features (N, F), class probabilities (N, 10))``, float64, of ``images``
+        (N, 28, 28, 1) in [0, 1], in evaluation mode (no dropout), ``batch`` at a time.
+
+        Raises:
+          ValueError: images of another shape, or values outside [0, 1].
+        """
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or len(images) == 0:
+            raise ValueError(f"images must have shape (N, 28, 28, 1), got {images.shape}")
+        if images.min() < -1e-6 or images.max() > 1 + 1e-6:
+            raise ValueError(f"images must lie in [0, 1] (got [{images.min():.3f}, "
+                             f"{images.max():.3f}]): map a GAN's [-1, 1] back first")
+        apply = _outputs_program(self.config)
+        parts = [apply(self.params, images[i:i + batch]) for i in range(0, len(images), batch)]
+        features = np.concatenate([np.asarray(f) for f, _ in parts]).astype(np.float64)
+        probs = np.concatenate([np.asarray(p) for _, p in parts]).astype(np.float64)
+        return features, probs / probs.sum(axis=1, keepdims=True)
+
+
+_programs: dict = {}
+
+
+def _outputs_program(config: ClassifierConfig):
+    if config not in _programs:
+        model = MNISTClassifier(config)
+
+        def outputs(module, x):
+            h = module.features(x)
+            return h, jax.nn.softmax(module.head(h), axis=-1)
+
+        _programs[config] = jax.jit(lambda p, x: model.apply({"params": p}, x, method=outputs))
+    return _programs[config]
+
+
+class SampleQuality:
+    """The figures of generated images against held-out real ones.
+
+    Args:
+      classifier: a :class:`TrainedClassifier`.
+      real_images: the held-out real images (N, 28, 28, 1) in [0, 1]: the reference of
+        the Frechet distance (their feature statistics are computed once, here).
+
+    Calling it on generated images (M, 28, 28, 1) in [0, 1] gives ``frechet_distance``
+    (to the real images' features), ``inception_score``, ``classes_covered`` and
+    ``class_entropy`` (see :mod:`genjax.metrics.sample_quality`).
+    """
+
+    def __init__(self, classifier: TrainedClassifier, real_images):
+        self.classifier = classifier
+        features, _ = classifier.outputs(real_images)
+        self.real_statistics = feature_statistics(features)
+
+    def __call__(self, images) -> dict:
+        features, probs = self.classifier.outputs(images)
+        distance = frechet_distance(*feature_statistics(features), *self.real_statistics)
+        return {"frechet_distance": distance, "inception_score": inception_score(probs),
+                **class_coverage(probs)}
+
+
+def find_classifier(given: Optional[str], split_name: str, enabled: bool = True,
+                    say: Callable[[str], None] = print) -> Optional[TrainedClassifier]:
+    """The classifier of an experiment's sample-quality metrics, or None when they are off.
+
+    ``given`` (``--classifier DIR``) must hold a trained classifier; without it the
+    default directory of ``split_name`` (:func:`default_classifier_dir`) is used when it
+    holds one, and otherwise the metrics are off, with one line saying how to train it.
+
+    Raises:
+      FileNotFoundError, ValueError, CheckpointError: as :meth:`TrainedClassifier.load`,
+        for ``given``, or for a default directory holding an unusable classifier.
+    """
+    if not enabled:
+        return None
+    if given is not None:
+        return TrainedClassifier.load(given, log=say)
+    default = default_classifier_dir(split_name)
+    if not (default / RECORD).is_file():
+        say(f"sample-quality metrics off: no trained MNIST classifier in {default}; train it "
+            f"once with `python -m experiments.mnist_classifier` (with the same --data-dir), "
+            "or pass --classifier DIR")
+        return None
+    return TrainedClassifier.load(default, log=say)
+
+
+def describe(figures: dict) -> str:
+    """The figures of :class:`SampleQuality` in one line."""
+    if not figures or "frechet_distance" not in figures:
+        return "no sample-quality metrics"
+    return (f"Frechet distance {figures['frechet_distance']:.2f}, inception score "
+            f"{figures['inception_score']:.2f}, {figures['classes_covered']} of 10 digits "
+            f"covered (entropy {figures['class_entropy']:.3f} nats of ln 10 = "
+            f"{math.log(10):.3f})")
