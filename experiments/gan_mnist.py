@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Optional
 import tyro
 
 from genjax.data.mnist import load_mnist
-from genjax.metrics.mnist import N_SAMPLES, SampleQuality, describe, find_classifier
+from genjax.metrics.mnist import N_SAMPLES, MetricsArgs, describe, sample_quality_for
 from genjax.models.gan import GANConfig
 from genjax.tasks.gan import final_figures, make_task
 from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
@@ -45,7 +45,7 @@ PRESETS: dict[str, tuple[GANConfig, TrainConfig]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Args(RunArgs):
+class Args(RunArgs, MetricsArgs):
     """Train a DCGAN on MNIST."""
 
     preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
@@ -60,12 +60,6 @@ class Args(RunArgs):
     """One-sided label smoothing: real images' target 1 - S in the bce loss."""
     d_steps: Annotated[Optional[int], preset_default("INT")] = None
     """Discriminator updates per generator update."""
-    classifier: Annotated[Optional[str], own_default("DIR")] = None
-    """Run directory of the trained MNIST classifier of the sample-quality metrics
-    (default: the one experiments.mnist_classifier keeps for this data's split, when
-    trained; on --resume, the run's)."""
-    metrics: bool = True
-    """Sample-quality metrics at each evaluation (--no-metrics: without)."""
 
 
 def resolve(args: Args) -> tuple[str, GANConfig, TrainConfig, dict]:
@@ -92,13 +86,10 @@ def run(args: Args):
     preset, model_cfg, train_cfg, flags = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
     data = load_mnist(flags["data_dir"], log=say)
-    classifier = find_classifier(flags["classifier"], data.split_name, flags["metrics"], say)
-    quality = SampleQuality(classifier, data.test_images) if classifier else None
+    quality = sample_quality_for(data, flags["classifier"], flags["metrics"], say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
-        f"{model_cfg.loss} loss, {model_cfg.d_steps} discriminator step(s) per generator step"
-        + (f"; metrics with the classifier in {classifier.directory} (held-out accuracy "
-           f"{classifier.accuracy:.2%})" if classifier else ""))
+        f"{model_cfg.loss} loss, {model_cfg.d_steps} discriminator step(s) per generator step")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, quality, N_SAMPLES)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),

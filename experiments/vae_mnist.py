@@ -22,7 +22,7 @@ from typing import Annotated, Literal, Optional
 import tyro
 
 from genjax.data.mnist import load_mnist
-from genjax.metrics.mnist import N_SAMPLES, SampleQuality, describe, find_classifier
+from genjax.metrics.mnist import N_SAMPLES, MetricsArgs, describe, sample_quality_for
 from genjax.models.vae import VAEConfig
 from genjax.tasks.vae import final_figures, make_task
 from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
@@ -44,7 +44,7 @@ PRESETS: dict[str, tuple[VAEConfig, TrainConfig]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Args(RunArgs):
+class Args(RunArgs, MetricsArgs):
     """Train a Variational Auto-Encoder on MNIST."""
 
     preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
@@ -56,12 +56,6 @@ class Args(RunArgs):
     """Weight of the KL term (beta-VAE); 1 trains on the ELBO."""
     iwae_k: int = 100
     """Importance samples of the held-out log-likelihood bound."""
-    classifier: Annotated[Optional[str], own_default("DIR")] = None
-    """Run directory of the trained MNIST classifier of the sample-quality metrics
-    (default: the one experiments.mnist_classifier keeps for this data's split, when
-    trained; on --resume, the run's)."""
-    metrics: bool = True
-    """Sample-quality metrics of prior samples at each evaluation (--no-metrics: without)."""
 
 
 def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str], Optional[str]]:
@@ -87,13 +81,10 @@ def run(args: Args):
     preset, model_cfg, train_cfg, data_dir, classifier_dir = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
     data = load_mnist(data_dir, log=say)
-    classifier = find_classifier(classifier_dir, data.split_name, args.metrics, say)
-    quality = SampleQuality(classifier, data.test_images) if classifier else None
+    quality = sample_quality_for(data, classifier_dir, args.metrics, say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
-        f"beta {model_cfg.beta}"
-        + (f"; metrics with the classifier in {classifier.directory} (held-out accuracy "
-           f"{classifier.accuracy:.2%})" if classifier else ""))
+        f"beta {model_cfg.beta}")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, args.iwae_k,
                      train_cfg.max_iters, quality, N_SAMPLES)

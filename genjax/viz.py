@@ -22,15 +22,15 @@ def save_image_grid(path, images, ncols: int, title: str = "") -> pathlib.Path:
     images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     n = len(images)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.8, nrows * 0.8 + (0.4 if title else 0)),
-                             squeeze=False)
+    height = nrows * 0.8 + (0.4 if title else 0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.8, height), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img in zip(axes.ravel(), images):
         ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.1)
+    fig.tight_layout(pad=0.1, rect=(0, 0, 1, 1 - (0.35 / height if title else 0)))
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return pathlib.Path(path)

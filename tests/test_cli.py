@@ -45,6 +45,7 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     # mesh of 8), on the first try.
     step, state, meta = load_latest(run, device=jax.devices()[1], log=pytest.fail)
     assert step == 6 and meta["model"]["n_embd"] == 16
+    assert set(state["train"]) == {"step", "params", "opt_state"}  # no model state: as before
     leaves = jax.tree.leaves(state)
     assert leaves and all(leaf.sharding.device_set == {jax.devices()[1]} for leaf in leaves)
 

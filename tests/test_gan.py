@@ -15,7 +15,8 @@ import pytest
 from genjax.data.mnist import ImageData
 from genjax.models import gan
 from genjax.tasks.gan import make_task, make_updates
-from genjax.train.loop import fit
+from genjax.train.checkpoint import load_latest
+from genjax.train.loop import Task, fit
 from genjax.train.steps import create_train_state, make_train_step
 from helpers import tiny_train_config
 from test_mnist_data import write_idx
@@ -223,6 +224,19 @@ def test_sharding_engine_step_equals_one_device():
     chex.assert_trees_all_close(results[1], results[0], atol=1e-5)
 
 
+def test_task_needs_a_loss_or_updates_and_an_evaluation():
+    common = dict(name="t", init_params=lambda k: {}, train_batch=None, eval_batches=None,
+                  eval_splits=("test",), meta={})
+    with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
+        Task(**common)
+    with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
+        Task(**common, loss_fn=lambda *a: None, updates=make_updates(SMALL))
+    with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
+        Task(**common, updates=make_updates(SMALL))  # no evaluation
+    with pytest.raises(ValueError, match="a model state needs updates"):
+        Task(**common, loss_fn=lambda *a: None, init_model_state=lambda k: {})
+
+
 def test_gan_experiment_end_to_end(digits_dir, digits_classifier, tmp_path, capsys):
     from experiments import gan_mnist
 
@@ -243,6 +257,9 @@ def test_gan_experiment_end_to_end(digits_dir, digits_classifier, tmp_path, caps
     for name in ("samples-0.png", "samples-4.png", "real-vs-generated.png"):
         assert (run / name).stat().st_size > 1000, name
     assert "Frechet distance" in capsys.readouterr().out
+    step, state, meta = load_latest(run)
+    assert step == 4 and meta["family"] == "gan"
+    assert set(state["train"]["model_state"]["batch_stats"]) == {"generator", "discriminator"}
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["latent_dim"] == 16 and config["classifier"] == str(digits_classifier)
     # --resume continues with the run's config (latent_dim 16, batch 10, the classifier).

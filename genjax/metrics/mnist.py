@@ -16,7 +16,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -25,6 +25,7 @@ from genjax.metrics.sample_quality import (class_coverage, feature_statistics,
                                            frechet_distance, inception_score)
 from genjax.models.classifier import ClassifierConfig, MNISTClassifier, init_params
 from genjax.train.checkpoint import load_latest
+from genjax.train.cli import own_default
 
 RECORD = "classifier.json"
 FAMILY = "mnist_classifier"
@@ -210,6 +211,36 @@ def find_classifier(given: Optional[str], split_name: str, enabled: bool = True,
             "or pass --classifier DIR")
         return None
     return TrainedClassifier.load(default, log=say)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsArgs:
+    """The flags of an experiment with sample-quality metrics (a ``tyro`` mixin)."""
+
+    classifier: Annotated[Optional[str], own_default("DIR")] = None
+    """Run directory of the trained MNIST classifier of the sample-quality metrics
+    (default: the one experiments.mnist_classifier keeps for this data's split, when
+    trained; on --resume, the run's)."""
+    metrics: bool = True
+    """Sample-quality metrics of 1,000 samples at each evaluation (--no-metrics: without)."""
+
+
+def sample_quality_for(data, classifier_dir: Optional[str], enabled: bool = True,
+                       say: Callable[[str], None] = print) -> Optional[SampleQuality]:
+    """The :class:`SampleQuality` of an experiment on ``data`` (an
+    :class:`~genjax.data.mnist.ImageData`; its held-out images are the reference), with
+    the classifier that :func:`find_classifier` finds, or None when the metrics are off;
+    says which classifier it uses.
+
+    Raises:
+      FileNotFoundError, ValueError, CheckpointError: see :func:`find_classifier`.
+    """
+    classifier = find_classifier(classifier_dir, data.split_name, enabled, say)
+    if classifier is None:
+        return None
+    say(f"sample-quality metrics with the MNIST classifier in {classifier.directory} "
+        f"(held-out accuracy {classifier.accuracy:.2%})")
+    return SampleQuality(classifier, data.test_images)
 
 
 def describe(figures: dict) -> str:

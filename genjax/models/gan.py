@@ -181,6 +181,16 @@ def _with_stats(variables: dict, player: str, batch_stats) -> dict:
     return {"batch_stats": {**variables["batch_stats"], player: batch_stats}}
 
 
+def _apply(module: nn.Module, variables: dict, player: str, x, train: bool):
+    """``module`` (one player) on ``x``: its output, and in training also its new
+    batch_stats (the batch's statistics are used and the running ones updated)."""
+    own = player_variables(variables, player)
+    if not train:
+        return module.apply(own, x, False)
+    out, updated = module.apply(own, x, True, mutable=["batch_stats"])
+    return out, updated["batch_stats"]
+
+
 def generate(config: GANConfig, variables: dict, z, train: bool = False,
              axis_name: Optional[str] = None):
     """G(z): (B, L) float32 -> images (B, 28, 28, 1) in [-1, 1].
@@ -189,24 +199,14 @@ def generate(config: GANConfig, variables: dict, z, train: bool = False,
     depends on its own z alone; in training it uses the batch's and the call returns
     ``(images, new generator batch_stats)``.
     """
-    model = Generator(config, axis_name)
-    g = player_variables(variables, "generator")
-    if not train:
-        return model.apply(g, z, False)
-    images, updated = model.apply(g, z, True, mutable=["batch_stats"])
-    return images, updated["batch_stats"]
+    return _apply(Generator(config, axis_name), variables, "generator", z, train)
 
 
 def discriminate(config: GANConfig, variables: dict, images, train: bool = False,
                  axis_name: Optional[str] = None):
     """D(images): (B, 28, 28, 1) in [-1, 1] -> logits (B,); in training also the new
     discriminator batch_stats, as :func:`generate`."""
-    model = Discriminator(config, axis_name)
-    d = player_variables(variables, "discriminator")
-    if not train:
-        return model.apply(d, images, False)
-    logits, updated = model.apply(d, images, True, mutable=["batch_stats"])
-    return logits, updated["batch_stats"]
+    return _apply(Discriminator(config, axis_name), variables, "discriminator", images, train)
 
 
 def discriminator_loss(real_logits, fake_logits, kind: str = "bce",

@@ -1,9 +1,9 @@
 """The training loop shared by every model family: config -> data -> state -> steps -> loop.
 
-A model family describes itself with a :class:`Task` (its parameters, loss, batches and
-reports); :func:`fit` does the rest the same way for all: devices, optimizer, the run
-directory (``config.json``, ``metrics.jsonl``), progress bar, evaluation, Orbax
-checkpoints and resumption.
+A model family describes itself with a :class:`Task` (its parameters and model state, its
+loss or its updates, batches and reports); :func:`fit` does the rest the same way for all:
+devices, optimizers, the run directory (``config.json``, ``metrics.jsonl``), progress bar,
+evaluation, Orbax checkpoints and resumption.
 
 Randomness: ``PRNGKey(seed)`` is split once into init, data, dropout and eval keys, saved
 with every checkpoint. The batch at step k is drawn with ``fold_in(data_key, k)`` and its
@@ -102,7 +102,9 @@ class Task:
     evaluation: Optional[Evaluation] = None
 
     def __post_init__(self):
-        if (self.loss_fn is None) == (not self.updates or self.evaluation is None):
+        grouped = bool(self.updates) or self.evaluation is not None
+        if (self.loss_fn is not None) == grouped or (grouped and not (self.updates
+                                                                      and self.evaluation)):
             raise ValueError(f"Task {self.name!r}: give either loss_fn, or updates and "
                              "evaluation")
         if self.init_model_state is not None and not self.updates:
@@ -136,7 +138,7 @@ class FitResult:
     Attributes:
       state: the final :class:`TrainState` (replicated over the engine's devices).
       history: the evaluation records written to ``metrics.jsonl`` by this call.
-      engine: the engine used (``engine.to_single_device(state.params)`` for sampling).
+      engine: the engine used (``engine.to_single_device(state.variables)`` for sampling).
       keys: the run's PRNG keys (``init``, ``data``, ``dropout``, ``eval``).
       run_dir: the run directory.
       start_step: the step this call started from (0, or the checkpoint's when resumed);
@@ -301,9 +303,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     """Train ``task`` under ``cfg`` in ``run_dir``: the shared loop of every experiment.
 
     Evaluates at step 0 (a new run), every ``eval_interval`` steps and at ``max_iters``;
-    each evaluation appends a record (``step``, ``{split}_loss`` ..., ``elapsed_s``,
-    ``{item}_per_s``, ``lr``) to ``metrics.jsonl`` and saves a checkpoint (except at step
-    0). ``config_record`` (the experiment's whole config) is written to ``config.json``, or
+    each evaluation appends a record (``step``, ``{split}_{metric}`` ..., the report's
+    figures, ``elapsed_s``, ``{item}_per_s``, ``lr``, and the last train step's losses as
+    ``batch_loss`` or ``batch_{name}_loss``) to ``metrics.jsonl`` and saves a checkpoint
+    (the train state with its model state, and the run's keys; except at step 0). ``config_record`` (the experiment's whole config) is written to ``config.json``, or
     beside it as ``config.resume-<step>.json`` on resumption.
 
     Raises:
