@@ -1,7 +1,7 @@
 """DCGAN on MNIST (Goodfellow et al., 2014; Radford et al., 2016).
 
     python -m experiments.gan_mnist [--preset cpu|gpu] [--latent-dim 100] [--loss bce|hinge]
-        [--label-smoothing S] [--d-steps K] [--classifier DIR | --no-metrics]
+        [--label-smoothing S] [--d-steps K] [--classifier DIR] [--metrics on|off]
         [--data-dir DIR] [--run-dir DIR] [--resume] ...
 
 config -> data -> state -> train/eval steps -> loop (``genjax.train``), the train step made of
@@ -62,17 +62,12 @@ class Args(RunArgs, MetricsArgs):
     """Discriminator updates per generator update."""
 
 
-def resolve(args: Args) -> tuple[str, GANConfig, TrainConfig, dict]:
-    """``(preset, model config, train config, flags)``: the preset (or with ``--resume``
-    the run's saved config) with the flags' overrides; ``flags`` holds ``data_dir``,
-    ``classifier`` (the resumed run's when not given) and ``metrics``. Raises
-    ``ValueError`` on invalid values."""
+def resolve(args: Args) -> tuple[str, GANConfig, TrainConfig, Optional[str], Optional[dict]]:
+    """``(preset, model config, train config, data dir, saved record)``: the preset (or
+    with ``--resume`` the run's saved config) with the flags' overrides, the data folder
+    the resumed run's when not given. Raises ``ValueError`` on invalid values."""
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
-    saved = saved or {}
-    flags = {"data_dir": resumed_path(args.data_dir, saved.get("data_dir")),
-             "classifier": resumed_path(args.classifier, saved.get("classifier")),
-             "metrics": args.metrics}
-    return preset, model, train, flags
+    return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir")), saved
 
 
 def main(argv=None):
@@ -83,17 +78,18 @@ def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "gan_mnist")
-    preset, model_cfg, train_cfg, flags = resolve(args)
+    preset, model_cfg, train_cfg, data_dir, saved = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
-    data = load_mnist(flags["data_dir"], log=say)
-    quality = sample_quality_for(data, flags["classifier"], flags["metrics"], say)
+    data = load_mnist(data_dir, log=say)
+    quality, metrics_record = sample_quality_for(args, saved, data, say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
         f"{model_cfg.loss} loss, {model_cfg.d_steps} discriminator step(s) per generator step")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, quality, N_SAMPLES)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
-              "train": dataclasses.asdict(train_cfg), "data": data.source, **flags}
+              "train": dataclasses.asdict(train_cfg), "data": data.source, "data_dir": data_dir,
+              **metrics_record}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
     final_figures(model_cfg, result, data)
     last = result.history[-1] if result.history else {}

@@ -51,7 +51,8 @@ class Args(RunArgs):
 
 
 def main(argv=None):
-    return run_command(run, tyro.cli(Args, args=argv, prog="python -m experiments.mnist_classifier"))
+    return run_command(run, tyro.cli(Args, args=argv,
+                                     prog="python -m experiments.mnist_classifier"))
 
 
 def run(args: Args) -> dict:
@@ -66,10 +67,12 @@ def run(args: Args) -> dict:
     run_dir = pathlib.Path(args.run_dir or mnist_metrics.default_classifier_dir(data.split_name))
     if (run_dir / mnist_metrics.RECORD).is_file() and not args.resume:
         done = mnist_metrics.TrainedClassifier.load(run_dir, min_accuracy=0.0, log=say)
-        say(f"{run_dir} already holds a trained classifier (held-out accuracy "
-            f"{done.accuracy:.2%} on {done.record['heldout_images']:,} images): nothing to do; "
-            "pass another --run-dir to train a new one")
-        return done.record
+        if done.accuracy >= mnist_metrics.MIN_ACCURACY:
+            say(f"{run_dir} already holds a trained classifier (held-out accuracy "
+                f"{done.accuracy:.2%} on {done.record['heldout_images']:,} images): nothing to "
+                "do; pass another --run-dir to train a new one")
+            return done.record
+        # Below the metrics' floor: fit refuses a new run there and points to --resume.
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; run dir {run_dir}")
     # state, steps, loop

@@ -1,7 +1,7 @@
 """Variational Auto-Encoder on MNIST (Kingma and Welling, 2014).
 
     python -m experiments.vae_mnist [--preset cpu|gpu] [--latent-dim 20] [--beta 1.0]
-        [--iwae-k 100] [--classifier DIR | --no-metrics] [--data-dir DIR] [--run-dir DIR]
+        [--iwae-k 100] [--classifier DIR] [--metrics on|off] [--data-dir DIR] [--run-dir DIR]
         [--resume] ...
 
 config -> data -> state -> train/eval steps -> loop (``genjax.train``). Each evaluation
@@ -58,16 +58,14 @@ class Args(RunArgs, MetricsArgs):
     """Importance samples of the held-out log-likelihood bound."""
 
 
-def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str], Optional[str]]:
-    """``(preset, model config, train config, data dir, classifier dir)``: the preset (or
-    with ``--resume`` the run's saved config) with the flags' overrides, the paths the
-    resumed run's when not given. Raises ``ValueError`` on invalid values."""
+def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str], Optional[dict]]:
+    """``(preset, model config, train config, data dir, saved record)``: the preset (or
+    with ``--resume`` the run's saved config) with the flags' overrides, the data folder
+    the resumed run's when not given. Raises ``ValueError`` on invalid values."""
     if args.iwae_k < 1:
         raise ValueError(f"--iwae-k must be >= 1, got {args.iwae_k}")
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
-    saved = saved or {}
-    return (preset, model, train, resumed_path(args.data_dir, saved.get("data_dir")),
-            resumed_path(args.classifier, saved.get("classifier")))
+    return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir")), saved
 
 
 def main(argv=None):
@@ -78,10 +76,10 @@ def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "vae_mnist")
-    preset, model_cfg, train_cfg, data_dir, classifier_dir = resolve(args)
+    preset, model_cfg, train_cfg, data_dir, saved = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
     data = load_mnist(data_dir, log=say)
-    quality = sample_quality_for(data, classifier_dir, args.metrics, say)
+    quality, metrics_record = sample_quality_for(args, saved, data, say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
         f"beta {model_cfg.beta}")
@@ -90,7 +88,7 @@ def run(args: Args):
                      train_cfg.max_iters, quality, N_SAMPLES)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": data.source, "data_dir": data_dir,
-              "iwae_k": args.iwae_k, "classifier": classifier_dir, "metrics": args.metrics}
+              "iwae_k": args.iwae_k, **metrics_record}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
     final_figures(model_cfg, result, data)
     last = result.history[-1] if result.history else {}

@@ -80,7 +80,8 @@ def save_side_by_side(path, left, right, ncols: int, left_title: str, right_titl
     grids = [np.clip(np.asarray(images, np.float32), 0.0, 1.0) for images in (left, right)]
     nrows = max(-(-len(g) // ncols) for g in grids)
     fig = plt.figure(figsize=(2 * ncols * 0.8 + 0.3, nrows * 0.8 + 0.6))
-    for sub, images, name in zip(fig.subfigures(1, 2, wspace=0.05), grids, (left_title, right_title)):
+    panels = fig.subfigures(1, 2, wspace=0.05)
+    for sub, images, name in zip(panels, grids, (left_title, right_title)):
         axes = sub.subplots(nrows, ncols, squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")

@@ -55,7 +55,8 @@ def test_shapes_and_bad_config():
     images = gan.generate(SMALL, v, z)
     assert images.shape == (3, 28, 28, 1) and float(jnp.abs(images).max()) <= 1.0
     assert gan.discriminate(SMALL, v, images).shape == (3,)
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 28, 28, 1\), got \(3, 28, 28\)"):
+    with pytest.raises(ValueError,
+                       match=r"images must have shape \(B, 28, 28, 1\), got \(3, 28, 28\)"):
         gan.discriminate(SMALL, v, images[..., 0])
     with pytest.raises(ValueError, match="latent_dim must be a positive integer, got 0"):
         gan.GANConfig(latent_dim=0)
@@ -94,16 +95,29 @@ def test_losses_when_every_logit_is_zero():
     assert float(g_loss) == pytest.approx(0.6931, abs=1e-4)
 
 
-def one_update(which: int, config=SMALL):
-    """One train step made of the discriminator's (0) or the generator's (1) update."""
+def one_update(which: int, kind: str, config=SMALL):
+    """One train step made of the discriminator's (0) or the generator's (1) update alone,
+    on one device or pmapped over 6 (where the state is averaged across devices: a mean
+    of 6 equal float32 values is not always that value)."""
+    from genjax.train.parallel import make_engine
+
     state, txs = fresh_state(config)
-    step = jax.jit(make_train_step((make_updates(config)[which],), txs))
-    new, metrics = step(state, real_batch(d_steps=config.d_steps), jax.random.PRNGKey(3))
-    return state, new, metrics
+    warm_up = jax.jit(make_train_step(make_updates(config), txs))
+    for i in range(2):  # running statistics other than the init's exact 0 and 1
+        state, _ = warm_up(state, real_batch(12, seed=10 + i, d_steps=config.d_steps),
+                           jax.random.PRNGKey(i))
+    old = jax.device_get(state)
+    engine = make_engine(kind, 1 if kind == "none" else 6, 12)
+    step = engine.compile_train_step((make_updates(config)[which],), txs)
+    new, metrics = step(engine.put_replicated(state),
+                        engine.put_batch(real_batch(12, d_steps=config.d_steps)),
+                        engine.put_replicated(jax.random.PRNGKey(3)))
+    return old, jax.device_get(new), metrics
 
 
-def test_discriminator_update_leaves_the_generator_bit_identical():
-    old, new, metrics = one_update(0)
+@pytest.mark.parametrize("kind", ["none", "pmap"])
+def test_discriminator_update_leaves_the_generator_bit_identical(kind):
+    old, new, metrics = one_update(0, kind)
     identical(new.params["generator"], old.params["generator"])
     identical(new.opt_state["generator"], old.opt_state["generator"])
     identical(new.model_state["batch_stats"]["generator"], old.model_state["batch_stats"]["generator"])
@@ -113,8 +127,9 @@ def test_discriminator_update_leaves_the_generator_bit_identical():
     assert {"d_loss", "d_x", "d_g_z", "d_grad_norm"} <= set(metrics)
 
 
-def test_generator_update_leaves_the_discriminator_bit_identical():
-    old, new, metrics = one_update(1)
+@pytest.mark.parametrize("kind", ["none", "pmap"])
+def test_generator_update_leaves_the_discriminator_bit_identical(kind):
+    old, new, metrics = one_update(1, kind)
     identical(new.params["discriminator"], old.params["discriminator"])
     identical(new.opt_state["discriminator"], old.opt_state["discriminator"])
     identical(new.model_state["batch_stats"]["discriminator"],
@@ -237,6 +252,25 @@ def test_task_needs_a_loss_or_updates_and_an_evaluation():
         Task(**common, loss_fn=lambda *a: None, init_model_state=lambda k: {})
 
 
+def test_updates_with_the_same_metric_names_are_refused():
+    from genjax.train.steps import Update
+
+    def loss(variables, batch, key, axis_name):
+        return jnp.sum(variables["a"] ** 2) + jnp.sum(variables["b"]), ({"norm": 0.0}, None)
+
+    txs = {"a": optax.sgd(0.1), "b": optax.sgd(0.1)}
+    state = create_train_state({"a": jnp.ones(2), "b": jnp.ones(2)}, txs)
+    step = make_train_step((Update(loss, "a", "x"), Update(loss, "b", "y")), txs)
+    with pytest.raises(ValueError, match=r"updates report the same metric names \['norm'\]"):
+        step(state, jnp.zeros(1), jax.random.PRNGKey(0))
+    # One update alone (not in a sequence) is a train step too.
+    new, metrics = make_train_step(Update(lambda v, b, k, a: (jnp.sum(v["a"] ** 2), ({}, None)),
+                                          "a", "x"), txs)(state, jnp.zeros(1), jax.random.PRNGKey(0))
+    np.testing.assert_allclose(new.params["a"], 0.8)  # 1 - 0.1 * 2
+    identical(new.params["b"], state.params["b"])
+    assert set(metrics) == {"x_loss", "x_grad_norm"}
+
+
 def test_gan_experiment_end_to_end(digits_dir, digits_classifier, tmp_path, capsys):
     from experiments import gan_mnist
 
@@ -297,5 +331,6 @@ def test_gan_bad_input_is_one_line_and_writes_nothing(digits_dir, digits_classif
     write_idx(wrong / "t10k-images-idx3-ubyte.gz", np.zeros((40, 32, 32)))
     write_idx(wrong / "t10k-labels-idx1-ubyte.gz", np.arange(40) % 10)
     with pytest.raises(SystemExit, match=r"images of shape \(32, 32\), expected \(28, 28\)"):
-        gan_mnist.main(["--data-dir", str(wrong.parent), "--run-dir", str(run), "--no-metrics"])
+        gan_mnist.main(["--data-dir", str(wrong.parent), "--run-dir", str(run),
+                        "--metrics", "off"])
     assert not run.exists()  # nothing was written

@@ -96,7 +96,8 @@ def test_real_halves_are_close_and_noise_is_far(mnist_dir, tmp_path):
     halves = SampleQuality(classifier, held_out[:500])(held_out[500:])
     noise = SampleQuality(classifier, held_out[:500])(
         np.random.default_rng(0).uniform(0, 1, (500, 28, 28, 1)).astype(np.float32))
-    ones = SampleQuality(classifier, held_out[:500])(data.train_images[data.train_labels == 1][:500])
+    digit_one = data.train_images[data.train_labels == 1][:500]
+    ones = SampleQuality(classifier, held_out[:500])(digit_one)
     assert halves["frechet_distance"] * 10 < noise["frechet_distance"], (halves, noise)
     assert halves["frechet_distance"] * 3 < ones["frechet_distance"], (halves, ones)
     assert halves["classes_covered"] == 10 and ones["class_entropy"] < 0.5 < halves["class_entropy"]

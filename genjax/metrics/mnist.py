@@ -16,7 +16,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import jax
 import numpy as np
@@ -25,7 +25,7 @@ from genjax.metrics.sample_quality import (class_coverage, feature_statistics,
                                            frechet_distance, inception_score)
 from genjax.models.classifier import ClassifierConfig, MNISTClassifier, init_params
 from genjax.train.checkpoint import load_latest
-from genjax.train.cli import own_default
+from genjax.train.cli import own_default, resumed_path
 
 RECORD = "classifier.json"
 FAMILY = "mnist_classifier"
@@ -98,17 +98,21 @@ class TrainedClassifier:
                                     f"with `{_train_command(directory)}`")
         try:
             record = json.loads(path.read_text())
+            if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+                raise TypeError("not a JSON object with a 'model' object")
             accuracy, step = float(record["accuracy"]), int(record["step"])
             config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in record["model"].items()})
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{path} is not a classifier record ({type(e).__name__}: {e}); "
-                             f"train the classifier again with `{_train_command(directory)}`") from None
+                             f"train the classifier again with "
+                             f"`{_train_command(directory)}`") from None
         if not accuracy >= min_accuracy:
             raise ValueError(f"the MNIST classifier in {directory} has held-out accuracy "
                              f"{accuracy:.2%}, below the {min_accuracy:.0%} that meaningful "
-                             f"sample-quality metrics need: train it (longer) with "
-                             f"`{_train_command(directory)}`")
+                             f"sample-quality metrics need: train it longer with "
+                             f"`{_train_command(directory)} --resume --max-iters N`, or "
+                             "delete that directory and train it again")
         saved_step, state, meta = load_latest(directory, log=log)
         if meta.get("family") != FAMILY or saved_step != step:
             raise ValueError(f"the checkpoint in {directory} (family {meta.get('family')!r}, "
@@ -133,11 +137,14 @@ class TrainedClassifier:
         (N, 28, 28, 1) in [0, 1], in evaluation mode (no dropout), ``batch`` at a time.
 
         Raises:
-          ValueError: images of another shape, or values outside [0, 1].
+          ValueError: images of another shape, non-finite values, or values outside [0, 1].
         """
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or len(images) == 0:
             raise ValueError(f"images must have shape (N, 28, 28, 1), got {images.shape}")
+        if not np.isfinite(images).all():
+            raise ValueError("images hold non-finite values (nan or inf): a generator that "
+                             "diverged cannot be scored")
         if images.min() < -1e-6 or images.max() > 1 + 1e-6:
             raise ValueError(f"images must lie in [0, 1] (got [{images.min():.3f}, "
                              f"{images.max():.3f}]): map a GAN's [-1, 1] back first")
@@ -220,27 +227,37 @@ class MetricsArgs:
     classifier: Annotated[Optional[str], own_default("DIR")] = None
     """Run directory of the trained MNIST classifier of the sample-quality metrics
     (default: the one experiments.mnist_classifier keeps for this data's split, when
-    trained; on --resume, the run's)."""
-    metrics: bool = True
-    """Sample-quality metrics of 1,000 samples at each evaluation (--no-metrics: without)."""
+    trained; on --resume, the one the run used)."""
+    metrics: Annotated[Optional[Literal["on", "off"]], own_default("{on,off}")] = None
+    """Sample-quality metrics of 1,000 samples at each evaluation (default: on; on --resume,
+    the run's)."""
 
 
-def sample_quality_for(data, classifier_dir: Optional[str], enabled: bool = True,
-                       say: Callable[[str], None] = print) -> Optional[SampleQuality]:
+def sample_quality_for(args: MetricsArgs, saved: Optional[dict], data,
+                       say: Callable[[str], None] = print) -> tuple[Optional[SampleQuality], dict]:
     """The :class:`SampleQuality` of an experiment on ``data`` (an
-    :class:`~genjax.data.mnist.ImageData`; its held-out images are the reference), with
-    the classifier that :func:`find_classifier` finds, or None when the metrics are off;
-    says which classifier it uses.
+    :class:`~genjax.data.mnist.ImageData`; its held-out images are the reference), or None
+    when the metrics are off, and the entries of the run's config record that say so:
+    ``metrics`` (``on``/``off``) and ``classifier`` (the directory of the classifier used,
+    so that a resumed run goes on with the same one).
+
+    ``--metrics`` and ``--classifier`` left out take the resumed run's values (``saved``,
+    its config record), else: on, with the classifier that :func:`find_classifier` finds.
 
     Raises:
       FileNotFoundError, ValueError, CheckpointError: see :func:`find_classifier`.
     """
-    classifier = find_classifier(classifier_dir, data.split_name, enabled, say)
+    saved = saved or {}
+    metrics = args.metrics or {False: "off", True: "on"}.get(saved.get("metrics"),
+                                                           saved.get("metrics")) or "on"
+    classifier_dir = resumed_path(args.classifier, saved.get("classifier"))
+    classifier = find_classifier(classifier_dir, data.split_name, metrics == "on", say)
     if classifier is None:
-        return None
+        return None, {"metrics": metrics, "classifier": classifier_dir}
     say(f"sample-quality metrics with the MNIST classifier in {classifier.directory} "
         f"(held-out accuracy {classifier.accuracy:.2%})")
-    return SampleQuality(classifier, data.test_images)
+    return (SampleQuality(classifier, data.test_images),
+            {"metrics": metrics, "classifier": str(classifier.directory)})
 
 
 def describe(figures: dict) -> str:

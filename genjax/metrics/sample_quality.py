@@ -66,19 +66,21 @@ def frechet_distance(mean1, cov1, mean2, cov2) -> float:
       mean1, mean2: (F,) means; cov1, cov2: (F, F) covariances (float64 is used).
 
     Returns:
-      The distance, a float >= 0 (up to rounding).
+      The distance, a float >= 0.
 
     Raises:
       ValueError: shapes that do not match.
     """
     m1, m2 = np.asarray(mean1, np.float64), np.asarray(mean2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
+    s1 = np.atleast_2d(np.asarray(cov1, np.float64))
+    s2 = np.atleast_2d(np.asarray(cov2, np.float64))
     if m1.shape != m2.shape or s1.shape != s2.shape or s1.shape != (m1.size, m1.size):
         raise ValueError(f"means {m1.shape}, {m2.shape} and covariances {s1.shape}, {s2.shape} "
                          "do not match")
     root1 = _psd_sqrt(s1)
     cross = _psd_sqrt(root1 @ s2 @ root1)
-    return float(np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(cross))
+    distance = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(cross)
+    return max(0.0, float(distance))  # rounding can leave -1e-9 for equal distributions
 
 
 def _check_probabilities(probs) -> np.ndarray:

@@ -43,10 +43,11 @@ class ClassifierConfig:
 
     def __post_init__(self):
         features = tuple(self.features)
-        if len(features) != 2 or any(not isinstance(f, int) or f <= 0 for f in features):
+        if len(features) != 2 or any(not isinstance(f, int) or isinstance(f, bool) or f <= 0
+                                     for f in features):
             raise ValueError(f"features must be two positive channel counts, got {self.features!r}")
         object.__setattr__(self, "features", features)
-        if not isinstance(self.hidden, int) or self.hidden <= 0:
+        if not isinstance(self.hidden, int) or isinstance(self.hidden, bool) or self.hidden <= 0:
             raise ValueError(f"hidden must be a positive integer, got {self.hidden!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")

@@ -76,7 +76,8 @@ class GANConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("g_features", "d_features"):
             value = tuple(getattr(self, name))
-            if len(value) != 2 or any(not isinstance(f, int) or f <= 0 for f in value):
+            if len(value) != 2 or any(not isinstance(f, int) or isinstance(f, bool) or f <= 0
+                                      for f in value):
                 raise ValueError(f"{name} must be two positive channel counts, got {value!r}")
             object.__setattr__(self, name, value)
         if self.loss not in ("bce", "hinge"):
@@ -175,7 +176,7 @@ def player_variables(variables: dict, player: str) -> dict:
     return {collection: tree[player] for collection, tree in variables.items()}
 
 
-def _with_stats(variables: dict, player: str, batch_stats) -> dict:
+def _state_with(variables: dict, player: str, batch_stats) -> dict:
     """The model state after ``player``'s running statistics became ``batch_stats``; the
     other player's are the very arrays they were."""
     return {"batch_stats": {**variables["batch_stats"], player: batch_stats}}
@@ -255,12 +256,12 @@ def discriminator_update_loss(config: GANConfig, variables: dict, real, z,
     fake, _ = generate(config, variables, z, train=True, axis_name=axis_name)
     fake = jax.lax.stop_gradient(fake)
     real_logits, stats = discriminate(config, variables, real, True, axis_name)
-    after_real = {**variables, **_with_stats(variables, "discriminator", stats)}
+    after_real = {"params": variables["params"], **_state_with(variables, "discriminator", stats)}
     fake_logits, stats = discriminate(config, after_real, fake, True, axis_name)
     loss = discriminator_loss(real_logits, fake_logits, config.loss, config.label_smoothing)
     metrics = {"d_x": jax.nn.sigmoid(real_logits).mean(),
                "d_g_z": jax.nn.sigmoid(fake_logits).mean()}
-    return loss, (metrics, _with_stats(variables, "discriminator", stats))
+    return loss, (metrics, _state_with(variables, "discriminator", stats))
 
 
 def generator_update_loss(config: GANConfig, variables: dict, z,
@@ -277,7 +278,7 @@ def generator_update_loss(config: GANConfig, variables: dict, z,
     """
     fake, stats = generate(config, variables, z, train=True, axis_name=axis_name)
     logits, _ = discriminate(config, variables, fake, True, axis_name)
-    return generator_loss(logits, config.loss), ({}, _with_stats(variables, "generator", stats))
+    return generator_loss(logits, config.loss), ({}, _state_with(variables, "generator", stats))
 
 
 def evaluation_metrics(config: GANConfig, variables: dict, real, z) -> dict:

@@ -15,11 +15,16 @@ from genjax.models.classifier import ClassifierConfig, MNISTClassifier, init_par
 from genjax.train.loop import FitResult, Task, is_main_process
 
 
+_predictors: dict = {}
+
+
 def heldout_accuracy(config: ClassifierConfig, params, images, labels, batch: int = 500) -> float:
     """The fraction of ``images`` (N, 28, 28, 1) whose most likely class is their label
     (N,), in evaluation mode, over every image."""
-    model = MNISTClassifier(config)
-    predict = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
+    if config not in _predictors:  # compiled once per config, not at every evaluation
+        model = MNISTClassifier(config)
+        _predictors[config] = jax.jit(lambda p, x: model.apply({"params": p}, x).argmax(-1))
+    predict = _predictors[config]
     hits = sum(int((np.asarray(predict(params, images[i:i + batch])) == labels[i:i + batch]).sum())
                for i in range(0, len(images), batch))
     return hits / len(images)

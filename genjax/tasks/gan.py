@@ -85,8 +85,10 @@ def gan_batch_fns(data: ImageData, batch_size: int, d_steps: int = 1):
     def train_batch(data_key, step, start, stop):
         idx = epoch_batch_indices(data_key, step, n_train, batch_size * d_steps,
                                   start * d_steps, stop * d_steps)
-        images = train_images[idx]
-        return images if d_steps == 1 else images.reshape((stop - start, d_steps) + images.shape[1:])
+        images = train_images[idx]                        # ((stop - start) * d_steps, 28, 28, 1)
+        if d_steps == 1:
+            return images
+        return images.reshape((stop - start, d_steps) + images.shape[1:])
 
     def eval_batches(split, key, start, stop):
         if split != "test":
@@ -149,11 +151,13 @@ def make_task(config: GANConfig, data: ImageData, batch_size: int, run_dir,
     return Task(
         name="gan",
         init_params=lambda key: gan.init_variables(config, key)["params"],
-        init_model_state=lambda key: {"batch_stats": gan.init_variables(config, key)["batch_stats"]},
+        init_model_state=lambda key: {
+            "batch_stats": gan.init_variables(config, key)["batch_stats"]},
         updates=make_updates(config), evaluation=make_evaluation(config),
         train_batch=train_batch, eval_batches=eval_batches, eval_splits=("test",),
         meta={"family": "gan", "model": dataclasses.asdict(config)},
-        items_per_example=1, item_name="images",
+        # images_per_s counts the real images the discriminator sees: d_steps per example
+        items_per_example=config.d_steps, item_name="images",
         report=make_report(config, run_dir, quality, n_samples))
 
 

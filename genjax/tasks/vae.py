@@ -66,10 +66,12 @@ def make_report(model: VAE, data: ImageData, run_dir, k: int, final_step: int,
     decode = make_decoder(model)
 
     def report(params, key, step):
-        out = heldout_bounds(model, params, data.test_images, key, k if step >= final_step else 0)
+        bounds_key, samples_key = jax.random.split(key)
+        out = heldout_bounds(model, params, data.test_images, bounds_key,
+                             k if step >= final_step else 0)
         if quality is not None:
-            out.update(quality(prior_samples(decode, params, jax.random.fold_in(key, 1),
-                                             n_samples, model.config.latent_dim)))
+            out.update(quality(prior_samples(decode, params, samples_key, n_samples,
+                                             model.config.latent_dim)))
         if is_main_process():
             z = jax.random.normal(jax.random.PRNGKey(0), (64, model.config.latent_dim))
             viz.save_image_grid(pathlib.Path(run_dir) / f"samples-{step}.png",

@@ -102,9 +102,11 @@ class Task:
     evaluation: Optional[Evaluation] = None
 
     def __post_init__(self):
-        grouped = bool(self.updates) or self.evaluation is not None
-        if (self.loss_fn is not None) == grouped or (grouped and not (self.updates
-                                                                      and self.evaluation)):
+        if self.loss_fn is not None:
+            wrong = bool(self.updates) or self.evaluation is not None
+        else:
+            wrong = not (self.updates and self.evaluation is not None)
+        if wrong:
             raise ValueError(f"Task {self.name!r}: give either loss_fn, or updates and "
                              "evaluation")
         if self.init_model_state is not None and not self.updates:
@@ -306,7 +308,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     each evaluation appends a record (``step``, ``{split}_{metric}`` ..., the report's
     figures, ``elapsed_s``, ``{item}_per_s``, ``lr``, and the last train step's losses as
     ``batch_loss`` or ``batch_{name}_loss``) to ``metrics.jsonl`` and saves a checkpoint
-    (the train state with its model state, and the run's keys; except at step 0). ``config_record`` (the experiment's whole config) is written to ``config.json``, or
+    (the train state with its model state, and the run's keys; except at step 0).
+    ``config_record`` (the experiment's whole config) is written to ``config.json``, or
     beside it as ``config.resume-<step>.json`` on resumption.
 
     Raises:

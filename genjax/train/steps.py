@@ -81,9 +81,15 @@ class Update:
         ``model_state`` the new state (the one given, for a function that changes none).
       group: the key of ``params`` (and of the optimizers) this update trains; None: all
         the parameters, with the one optimizer. Parameters outside the group, and their
-        optimizer state, are left exactly as they were.
+        optimizer state, are left exactly as they were; so is the model state outside it:
+        of the model state that ``loss_fn`` returns, only the group's entry of each
+        collection (``model_state[collection][group]``, where the collection has one) is
+        kept (and averaged over devices), the rest stays the very arrays it was. Each
+        group's optimizer counts its own updates: its schedule advances ``repeats``
+        steps per train step.
       name: prefix of this update's metrics: ``{name}_loss``, ``{name}_grad_norm``
-        (``loss`` and ``grad_norm`` when empty).
+        (``loss`` and ``grad_norm`` when empty). The loss function's own metrics keep their
+        names, which must differ from every other update's.
       repeats: updates in a row per train step (a GAN's ``d_steps``). With repeats > 1
         every leaf of the batch has a second axis of this size, and repeat ``r`` sees
         ``x[:, r]``; the metrics are those of the last repeat.
@@ -118,10 +124,17 @@ class Evaluation:
 Objective = Union[LossFn, Sequence[Update]]
 
 
-def as_updates(objective: Objective) -> tuple[Update, ...]:
-    """The updates of a train step: ``objective`` itself, or for a plain ``loss_fn`` one
-    update of every parameter, with dropout on and the device index folded into the key
-    under ``pmap`` (so no two devices share a dropout mask)."""
+def as_updates(objective: Union[Objective, Update]) -> tuple[Update, ...]:
+    """The updates of a train step: ``objective`` itself (one :class:`Update` or a
+    sequence), or for a plain ``loss_fn`` one update of every parameter, with dropout on and
+    the device index folded into the key under ``pmap`` (so no two devices share a dropout
+    mask).
+
+    Raises:
+      ValueError: an empty sequence, or one holding something else than updates.
+    """
+    if isinstance(objective, Update):
+        return (objective,)
     if not callable(objective):
         updates = tuple(objective)
         if not updates or not all(isinstance(u, Update) for u in updates):
@@ -173,6 +186,22 @@ def global_draw(sample: Callable[[jax.Array, int], Any], key: jax.Array, local_b
     draw = sample(key, local_batch * jax.lax.axis_size(axis_name))
     start = jax.lax.axis_index(axis_name) * local_batch
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, local_batch), draw)
+
+
+def _owned_state(model_state, group: Optional[str]):
+    """The part of ``model_state`` that an update of ``group`` may change: all of it
+    without a group, else each collection's entry for the group (where it has one)."""
+    if model_state is None or group is None:
+        return model_state
+    return {name: tree[group] for name, tree in model_state.items() if group in tree}
+
+
+def _with_owned_state(model_state, owned, group: Optional[str]):
+    """``model_state`` with the part of ``group`` replaced by ``owned``."""
+    if model_state is None or group is None:
+        return owned
+    return {name: {**tree, group: owned[name]} if name in owned else tree
+            for name, tree in model_state.items()}
 
 
 def create_train_state(params, tx: Optimizers, model_state=None) -> TrainState:
@@ -257,13 +286,15 @@ def make_train_step(objective: Objective, tx: Optimizers,
             full = trained if group is None else {**params, group: trained}
             return update.loss_fn(model_variables(full, model_state), batch, key, axis_name)
 
-        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+        (loss, (metrics, new_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
         prefix = f"{update.name}_" if update.name else ""
         metrics = {f"{prefix}loss": loss, **metrics}
+        owned = _owned_state(new_state, group)
         if axis_name is not None:
             # One all-reduce of one flat vector rather than one per leaf.
-            flat, unravel = jax.flatten_util.ravel_pytree((grads, metrics, model_state))
-            grads, metrics, model_state = unravel(jax.lax.pmean(flat, axis_name))
+            flat, unravel = jax.flatten_util.ravel_pytree((grads, metrics, owned))
+            grads, metrics, owned = unravel(jax.lax.pmean(flat, axis_name))
+        model_state = _with_owned_state(model_state, owned, group)
         group_tx = tx if group is None else tx[group]
         group_opt = opt_state if group is None else opt_state[group]
         changes, group_opt = group_tx.update(grads, group_opt, trained)
@@ -287,6 +318,10 @@ def make_train_step(objective: Objective, tx: Optimizers,
                     repeat_batch = jax.tree.map(lambda x: x[:, r], batch)
                 params, opt_state, model_state, update_metrics = apply_update(
                     update, params, opt_state, model_state, repeat_batch, repeat_key)
+            clash = sorted(set(metrics) & set(update_metrics))
+            if clash:
+                raise ValueError(f"updates report the same metric names {clash}: name the "
+                                 "updates, or their loss functions' metrics, apart")
             metrics.update(update_metrics)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -362,7 +397,8 @@ def make_eval_step(objective: Union[LossFn, Evaluation], axis_name: Optional[str
     return eval_step
 
 
-def make_batch_drawing_eval(objective: Union[LossFn, Evaluation], batch_fn: Callable[[str, jax.Array], Any],
+def make_batch_drawing_eval(objective: Union[LossFn, Evaluation],
+                            batch_fn: Callable[[str, jax.Array], Any],
                             splits: tuple[str, ...], n_batches: int,
                             axis_name: Optional[str] = None, n_shares: int = 1,
                             batch_sharding=None):
@@ -371,8 +407,9 @@ def make_batch_drawing_eval(objective: Union[LossFn, Evaluation], batch_fn: Call
     The evaluation of :func:`genjax.train.loop.evaluate` (the lecture's
     ``estimate_loss``) without a host round trip per batch: for the split of index ``s``,
     batch ``j`` is ``batch_fn(split, k)`` with ``k = fold_in(fold_in(key, s), j)``, its
-    metrics are computed as :func:`make_eval_step` computes them, with key ``k``, and the ``n_batches`` batches are looped over
-    with ``lax.fori_loop``, one batch in memory at a time. The batches and keys are those
+    metrics are computed as :func:`make_eval_step` computes them, with key ``k``, and the
+    ``n_batches`` batches are looped over with ``lax.fori_loop``, one batch in memory at a
+    time. The batches and keys are those
     of the host path, so the results agree with it to float rounding.
 
     Args:
