@@ -21,9 +21,9 @@ import tyro
 from genjax.data.mnist import load_mnist
 from genjax.models.autoencoder import AEConfig
 from genjax.tasks.autoencoder import final_figures, make_task
-from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
-                              preset_default, resolve_configs, resumed_path, run_command, say,
-                              start_run)
+from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
+                              planned_batch_size, preset_default, refuse_unused,
+                              resolve_configs, resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit
 
@@ -76,6 +76,7 @@ def main(argv=None):
 def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
+    refuse_unused(args, EVERY_HELDOUT_IMAGE)
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "autoencoder_mnist")
     preset, model_cfg, train_cfg, anomaly_digit, data_dir = resolve(args)
     # data
@@ -83,7 +84,8 @@ def run(args: Args):
     data = full if anomaly_digit is None else full.without_digit(anomaly_digit)
     say(f"preset {preset}; MNIST from {full.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}: "
-        f"{28 * 28} bytes per image in, {4 * model_cfg.latent_dim} bytes (float32 code) out")
+        f"{28 * 28} bytes per image in, {4 * model_cfg.latent_dim} bytes (float32 code) out; "
+        f"run dir {run_dir}")
     # state, steps, loop
     task, scores = make_task(model_cfg, data, train_cfg.batch_size, run_dir, anomaly_digit)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
@@ -91,10 +93,10 @@ def run(args: Args):
               "anomaly_digit": anomaly_digit}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
     final_figures(model_cfg, result, data, scores, anomaly_digit)
-    last = result.history[-1] if result.history else {}
-    say(f"held-out MSE {last.get('test_mse', float('nan')):.5f}, PSNR "
-        f"{last.get('test_psnr_db', float('nan')):.2f} dB"
-        + (f", anomaly AUROC {last['anomaly_auroc']:.3f}" if "anomaly_auroc" in last else ""))
+    if result.history:  # (a resume with nothing to train evaluates nothing)
+        last = result.history[-1]
+        say(f"held-out MSE {last['test_mse']:.5f}, PSNR {last['test_psnr_db']:.2f} dB"
+            + (f", anomaly AUROC {last['anomaly_auroc']:.3f}" if "anomaly_auroc" in last else ""))
     return result
 
 

@@ -24,9 +24,9 @@ from genjax.data.mnist import load_mnist
 from genjax.metrics.mnist import N_SAMPLES, MetricsArgs, describe, sample_quality_for
 from genjax.models.gan import GANConfig
 from genjax.tasks.gan import final_figures, make_task
-from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
-                              preset_default, resolve_configs, resumed_path, run_command, say,
-                              start_run)
+from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
+                              planned_batch_size, preset_default, refuse_unused,
+                              resolve_configs, resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit
 
@@ -77,6 +77,7 @@ def main(argv=None):
 def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
+    refuse_unused(args, EVERY_HELDOUT_IMAGE)
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "gan_mnist")
     preset, model_cfg, train_cfg, data_dir, saved = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
@@ -84,7 +85,9 @@ def run(args: Args):
     quality, metrics_record = sample_quality_for(args, saved, data, say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
-        f"{model_cfg.loss} loss, {model_cfg.d_steps} discriminator step(s) per generator step")
+        f"{model_cfg.loss} loss"
+        + (f" with label smoothing {model_cfg.label_smoothing}" if model_cfg.label_smoothing else "")
+        + f", {model_cfg.d_steps} discriminator update(s) per generator update; run dir {run_dir}")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, quality, N_SAMPLES)
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
@@ -92,10 +95,11 @@ def run(args: Args):
               **metrics_record}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
     final_figures(model_cfg, result, data)
-    last = result.history[-1] if result.history else {}
-    say(f"held-out: discriminator accuracy {last.get('test_d_accuracy', float('nan')):.3f} "
-        f"(0.5: it cannot tell), D(x) {last.get('test_d_x', float('nan')):.3f}, "
-        f"D(G(z)) {last.get('test_d_g_z', float('nan')):.3f}; {describe(last)}")
+    if result.history:  # (a resume with nothing to train evaluates nothing)
+        last = result.history[-1]
+        say(f"held-out: discriminator accuracy {last['test_d_accuracy']:.3f} (0.5: it cannot "
+            f"tell), D(x) {last['test_d_x']:.3f}, D(G(z)) {last['test_d_g_z']:.3f}; "
+            f"{describe(last)}")
     return result
 
 

@@ -23,10 +23,11 @@ from genjax.data.mnist import load_mnist
 from genjax.metrics import mnist as mnist_metrics
 from genjax.models.classifier import ClassifierConfig
 from genjax.tasks.classifier import finish, make_task
-from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
-                              resolve_configs, resumed_path, run_command, say, start_run)
+from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
+                              planned_batch_size, refuse_unused, resolve_configs, resumed_path,
+                              run_command, say, start_run)
 from genjax.train.config import TrainConfig
-from genjax.train.loop import fit
+from genjax.train.loop import check_run_dir, fit
 
 PRESETS: dict[str, tuple[ClassifierConfig, TrainConfig]] = {
     "cpu": (ClassifierConfig(),
@@ -48,6 +49,9 @@ class Args(RunArgs):
     preset: Annotated[Optional[Literal["cpu", "gpu"]], own_default("{cpu,gpu}")] = None
     """Hyperparameters (default: cpu without an accelerator, else gpu; on --resume, the
     run's)."""
+    run_dir: Annotated[Optional[str], own_default("DIR")] = None
+    """Run directory (default: $GENJAX_CACHE_DIR/mnist-classifier/<split>, by default
+    under ~/.cache/genjax: where the GAN and VAE experiments look for the classifier)."""
 
 
 def main(argv=None):
@@ -58,7 +62,9 @@ def main(argv=None):
 def run(args: Args) -> dict:
     """Train (unless done), record and return the ``classifier.json`` record."""
     # config
-    start_run(args, planned_batch_size(args, PRESETS, "cpu"), "mnist_classifier")
+    refuse_unused(args, EVERY_HELDOUT_IMAGE)
+    # (its run directory is known once the data's split is: checked below, and by fit)
+    start_run(args, planned_batch_size(args, PRESETS, "cpu"), "mnist_classifier", check=False)
     preset, model_cfg, train_cfg, saved = resolve_configs(args, PRESETS,
                                                           default_preset_for("cpu", "gpu"))
     data_dir = resumed_path(args.data_dir, (saved or {}).get("data_dir"))
@@ -73,6 +79,7 @@ def run(args: Args) -> dict:
                 "do; pass another --run-dir to train a new one")
             return done.record
         # Below the metrics' floor: fit refuses a new run there and points to --resume.
+    check_run_dir(run_dir, args.resume)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; run dir {run_dir}")
     # state, steps, loop

@@ -25,9 +25,9 @@ from genjax.data.mnist import load_mnist
 from genjax.metrics.mnist import N_SAMPLES, MetricsArgs, describe, sample_quality_for
 from genjax.models.vae import VAEConfig
 from genjax.tasks.vae import final_figures, make_task
-from genjax.train.cli import (RunArgs, default_preset_for, own_default, planned_batch_size,
-                              preset_default, resolve_configs, resumed_path, run_command, say,
-                              start_run)
+from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
+                              planned_batch_size, preset_default, refuse_unused,
+                              resolve_configs, resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit
 
@@ -75,6 +75,7 @@ def main(argv=None):
 def run(args: Args):
     """Train, evaluate and write the figures; returns the ``FitResult``."""
     # config
+    refuse_unused(args, EVERY_HELDOUT_IMAGE)
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "vae_mnist")
     preset, model_cfg, train_cfg, data_dir, saved = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
@@ -82,7 +83,7 @@ def run(args: Args):
     quality, metrics_record = sample_quality_for(args, saved, data, say)
     say(f"preset {preset}; MNIST from {data.source}: {len(data.train_images):,} training, "
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
-        f"beta {model_cfg.beta}")
+        f"beta {model_cfg.beta}; run dir {run_dir}")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, args.iwae_k,
                      train_cfg.max_iters, quality, N_SAMPLES)
@@ -91,12 +92,13 @@ def run(args: Args):
               "iwae_k": args.iwae_k, **metrics_record}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
     final_figures(model_cfg, result, data)
-    last = result.history[-1] if result.history else {}
-    say(f"held-out per image: recon {last.get('recon_nats', float('nan')):.2f}, KL "
-        f"{last.get('kl_nats', float('nan')):.2f}, -ELBO {last.get('neg_elbo', float('nan')):.2f}, "
-        f"IWAE(k={args.iwae_k}) NLL <= {last.get('iwae_nll', float('nan')):.2f} nats")
-    if quality is not None:
-        say(f"prior samples: {describe(last)}")
+    if result.history:  # (a resume with nothing to train evaluates nothing)
+        last = result.history[-1]
+        say(f"held-out per image: recon {last['recon_nats']:.2f}, KL {last['kl_nats']:.2f}, "
+            f"-ELBO {last['neg_elbo']:.2f}, IWAE(k={args.iwae_k}) NLL <= "
+            f"{last.get('iwae_nll', float('nan')):.2f} nats")
+        if quality is not None:
+            say(f"prior samples: {describe(last)}")
     return result
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from genjax.data.mnist import ImageData
 from genjax.models import gan
-from genjax.tasks.gan import make_task, make_updates
+from genjax.tasks.gan import make_evaluation, make_task, make_updates
 from genjax.train.checkpoint import load_latest
 from genjax.train.loop import Task, fit
 from genjax.train.steps import create_train_state, make_train_step
@@ -245,6 +245,8 @@ def test_task_needs_a_loss_or_updates_and_an_evaluation():
     with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
         Task(**common)
     with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
+        Task(**common, evaluation=make_evaluation(SMALL))  # an evaluation trains nothing
+    with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
         Task(**common, loss_fn=lambda *a: None, updates=make_updates(SMALL))
     with pytest.raises(ValueError, match="give either loss_fn, or updates and evaluation"):
         Task(**common, updates=make_updates(SMALL))  # no evaluation
@@ -296,10 +298,19 @@ def test_gan_experiment_end_to_end(digits_dir, digits_classifier, tmp_path, caps
     assert set(state["train"]["model_state"]["batch_stats"]) == {"generator", "discriminator"}
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["latent_dim"] == 16 and config["classifier"] == str(digits_classifier)
-    # --resume continues with the run's config (latent_dim 16, batch 10, the classifier).
-    gan_mnist.main(["--run-dir", str(run), "--resume", "--max-iters", "6"])
+    # --resume continues with the run's config (latent_dim 16, batch 16, the classifier it
+    # used, its metrics setting); the loss options may change, the architecture may not.
+    gan_mnist.main(["--run-dir", str(run), "--resume", "--max-iters", "6",
+                    "--label-smoothing", "0.1"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 4, 6] and "frechet_distance" in records[-1]
+    resumed = json.loads((run / "config.resume-4.json").read_text())
+    assert resumed["model"] == {**config["model"], "label_smoothing": 0.1}
+    assert resumed["classifier"] == str(digits_classifier) and resumed["metrics"] == "on"
+    with pytest.raises(SystemExit, match="model config differs .*latent_dim: checkpoint 16 vs "
+                                         "requested 8"):
+        gan_mnist.main(["--run-dir", str(run), "--resume", "--max-iters", "8",
+                        "--latent-dim", "8"])
 
 
 def test_gan_bad_input_is_one_line_and_writes_nothing(digits_dir, digits_classifier, tmp_path):
@@ -310,7 +321,17 @@ def test_gan_bad_input_is_one_line_and_writes_nothing(digits_dir, digits_classif
             "--batch-size", "16"]
     with pytest.raises(SystemExit, match="latent_dim must be a positive integer, got 0"):
         gan_mnist.main(base + ["--latent-dim", "0", "--classifier", str(digits_classifier)])
-    with pytest.raises(SystemExit, match="no trained MNIST classifier: .*nowhere is no directory; "
+    with pytest.raises(SystemExit, match="--eval-iters: this experiment evaluates every "
+                                         "held-out image"):
+        gan_mnist.main(base + ["--eval-iters", "3"])
+    with pytest.raises(SystemExit, match="--batch-size 32: an evaluation batch takes 32 "
+                                         "held-out images, but there are 20"):
+        gan_mnist.main(base[:-1] + ["32", "--metrics", "off"])
+    # A resume of nothing says so before any data is read (this data folder does not exist).
+    with pytest.raises(SystemExit, match="--resume: no checkpoint in"):
+        gan_mnist.main(["--data-dir", str(tmp_path / "no-data"), "--run-dir", str(run),
+                        "--resume"])
+    with pytest.raises(SystemExit, match="no trained MNIST classifier: .*nowhere is not a directory; "
                                          "train one with `python -m experiments.mnist_classifier"):
         gan_mnist.main(base + ["--classifier", str(tmp_path / "nowhere")])
     corrupt = tmp_path / "corrupt"
@@ -324,7 +345,8 @@ def test_gan_bad_input_is_one_line_and_writes_nothing(digits_dir, digits_classif
         gan_mnist.main(base + ["--classifier", str(corrupt)])
     (corrupt / "classifier.json").write_text(json.dumps(record))
     shutil.rmtree(corrupt / "checkpoints")
-    with pytest.raises(SystemExit, match="no checkpoint in"):
+    with pytest.raises(SystemExit, match="has no readable checkpoint .*; move .*corrupt away "
+                                         "\\(or delete it\\), then train the classifier again"):
         gan_mnist.main(base + ["--classifier", str(corrupt)])
     wrong = tmp_path / "wrong" / "mnist"
     wrong.mkdir(parents=True)

@@ -199,6 +199,24 @@ def _permutation(key, n):
     return _perm_cache[k]
 
 
+def check_batch_fits(batch_size: int, n_train: int, n_test: int, per_example: int = 1) -> None:
+    """Refuse a global batch that the data cannot fill: ``batch_size * per_example``
+    training images per step, ``batch_size`` held-out images per evaluation batch.
+
+    Raises:
+      ValueError: naming the batch and the set that is too small.
+    """
+    if batch_size * per_example > n_train:
+        what = f"{batch_size} x {per_example} = {batch_size * per_example}" if per_example > 1 \
+            else f"{batch_size}"
+        raise ValueError(f"--batch-size {batch_size}: a step takes {what} training images, but "
+                         f"there are {n_train}: choose a smaller batch")
+    if batch_size > n_test:
+        raise ValueError(f"--batch-size {batch_size}: an evaluation batch takes {batch_size} "
+                         f"held-out images, but there are {n_test}: choose a batch of at most "
+                         f"{n_test}")
+
+
 def image_batch_fns(data: ImageData, batch_size: int):
     """The batch functions of :class:`genjax.train.loop.Task` for image data.
 
@@ -213,9 +231,7 @@ def image_batch_fns(data: ImageData, batch_size: int):
       ValueError: ``batch_size`` larger than the training or the held-out set.
     """
     n_train, n_test = len(data.train_images), len(data.test_images)
-    if batch_size > n_train or batch_size > n_test:
-        raise ValueError(f"batch size {batch_size} exceeds the {n_train} training or "
-                         f"{n_test} held-out images")
+    check_batch_fits(batch_size, n_train, n_test)
 
     def train_batch(data_key, step, start, stop):
         idx = epoch_batch_indices(data_key, step, n_train, batch_size, start, stop)

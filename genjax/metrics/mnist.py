@@ -24,7 +24,7 @@ import numpy as np
 from genjax.metrics.sample_quality import (class_coverage, feature_statistics,
                                            frechet_distance, inception_score)
 from genjax.models.classifier import ClassifierConfig, MNISTClassifier, init_params
-from genjax.train.checkpoint import load_latest
+from genjax.train.checkpoint import CheckpointError, load_latest
 from genjax.train.cli import own_default, resumed_path
 
 RECORD = "classifier.json"
@@ -48,6 +48,13 @@ def default_classifier_dir(split_name: str) -> pathlib.Path:
 
 def _train_command(directory) -> str:
     return f"python -m experiments.mnist_classifier --run-dir {directory}"
+
+
+def _train_again(directory) -> str:
+    """The advice for a directory that holds an unusable classifier (nothing is deleted
+    for the user)."""
+    return (f"move {directory} away (or delete it), then train the classifier again with "
+            f"`{_train_command(directory)}`")
 
 
 def write_record(run_dir, record: dict) -> pathlib.Path:
@@ -91,9 +98,11 @@ class TrainedClassifier:
           genjax.train.checkpoint.CheckpointError: no readable checkpoint.
         """
         directory = pathlib.Path(directory).expanduser().absolute()
+        if directory.name == RECORD and directory.is_file():  # the record given for its run
+            directory = directory.parent
         path = directory / RECORD
         if not path.is_file():
-            what = "is no directory" if not directory.is_dir() else f"holds no {RECORD}"
+            what = "is not a directory" if not directory.is_dir() else f"holds no {RECORD}"
             raise FileNotFoundError(f"no trained MNIST classifier: {directory} {what}; train one "
                                     f"with `{_train_command(directory)}`")
         try:
@@ -105,26 +114,28 @@ class TrainedClassifier:
                                          for k, v in record["model"].items()})
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{path} is not a classifier record ({type(e).__name__}: {e}); "
-                             f"train the classifier again with "
-                             f"`{_train_command(directory)}`") from None
+                             f"{_train_again(directory)}") from None
         if not accuracy >= min_accuracy:
             raise ValueError(f"the MNIST classifier in {directory} has held-out accuracy "
                              f"{accuracy:.2%}, below the {min_accuracy:.0%} that meaningful "
                              f"sample-quality metrics need: train it longer with "
                              f"`{_train_command(directory)} --resume --max-iters N`, or "
                              "delete that directory and train it again")
-        saved_step, state, meta = load_latest(directory, log=log)
+        try:
+            saved_step, state, meta = load_latest(directory, log=log)
+        except CheckpointError as e:
+            raise CheckpointError(f"the MNIST classifier in {directory} has no readable "
+                                  f"checkpoint ({e}); {_train_again(directory)}") from None
         if meta.get("family") != FAMILY or saved_step != step:
             raise ValueError(f"the checkpoint in {directory} (family {meta.get('family')!r}, "
                              f"step {saved_step}) is not the classifier that {RECORD} "
-                             f"evaluated (step {step}); train it again with "
-                             f"`{_train_command(directory)}`")
+                             f"evaluated (step {step}); {_train_again(directory)}")
         params = state["train"]["params"]
         expected = jax.eval_shape(lambda k: init_params(config, k), jax.random.PRNGKey(0))
         shapes = jax.tree.map(lambda x: tuple(x.shape), params)
         if jax.tree.map(lambda x: tuple(x.shape), expected) != shapes:
             raise ValueError(f"the checkpoint in {directory} does not fit the model that {RECORD} "
-                             f"records ({record['model']}); train the classifier again")
+                             f"records ({record['model']}); {_train_again(directory)}")
         return cls(config=config, params=params, record=record, directory=directory)
 
     @property

@@ -9,7 +9,6 @@ batch from the update's key, so a run does not depend on the device count.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from typing import Optional
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 
 from genjax import viz
-from genjax.data.mnist import ImageData, epoch_batch_indices
+from genjax.data.mnist import ImageData, check_batch_fits, epoch_batch_indices
 from genjax.metrics.mnist import N_SAMPLES, SampleQuality
 from genjax.models import gan
 from genjax.models.gan import GANConfig
@@ -25,6 +24,10 @@ from genjax.train.loop import FitResult, Task, is_main_process
 from genjax.train.steps import Evaluation, Update, global_draw
 
 GRID = 64  # images in each sample grid (8 x 8)
+ARCHITECTURE = ("latent_dim", "g_features", "d_features")
+"""The fields of :class:`~genjax.models.gan.GANConfig` that shape the parameters (saved in
+every checkpoint's metadata and checked on resume); ``loss``, ``label_smoothing`` and
+``d_steps`` may change when a run resumes."""
 
 
 def _noise(config: GANConfig, key, axis_name, n: int):
@@ -76,9 +79,7 @@ def gan_batch_fns(data: ImageData, batch_size: int, d_steps: int = 1):
         larger than the held-out set.
     """
     n_train, n_test = len(data.train_images), len(data.test_images)
-    if batch_size * d_steps > n_train or batch_size > n_test:
-        raise ValueError(f"batch size {batch_size} (x {d_steps} discriminator steps) exceeds the "
-                         f"{n_train} training or {n_test} held-out images")
+    check_batch_fits(batch_size, n_train, n_test, d_steps)
     train_images = gan.to_gan_range(data.train_images)
     test_images = gan.to_gan_range(data.test_images)
 
@@ -155,7 +156,8 @@ def make_task(config: GANConfig, data: ImageData, batch_size: int, run_dir,
             "batch_stats": gan.init_variables(config, key)["batch_stats"]},
         updates=make_updates(config), evaluation=make_evaluation(config),
         train_batch=train_batch, eval_batches=eval_batches, eval_splits=("test",),
-        meta={"family": "gan", "model": dataclasses.asdict(config)},
+        # The architecture must match on resume; the loss options may change.
+        meta={"family": "gan", "model": {name: getattr(config, name) for name in ARCHITECTURE}},
         # images_per_s counts the real images the discriminator sees: d_steps per example
         items_per_example=config.d_steps, item_name="images",
         report=make_report(config, run_dir, quality, n_samples))

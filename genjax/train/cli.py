@@ -95,8 +95,9 @@ class RunArgs:
     devices: Annotated[Optional[int], own_default("INT")] = None
     """Devices to use (default: all local devices; on --resume, the run's setting)."""
     host_devices: Annotated[Optional[int], own_default("INT")] = None
-    """CPU only: split the host into this many XLA devices (default: the largest count
-    <= the cores that divides the batch); ignored when XLA_FLAGS already sets it."""
+    """CPU only: split the host into this many XLA devices (default: --devices when given,
+    else the largest count <= the cores that divides the batch); ignored when XLA_FLAGS
+    already sets it."""
     distributed: bool = False
     """Multi-host: call jax.distributed.initialize() first (run the same command on every
     host with the same --run-dir; each host loads only its share of every batch)."""
@@ -295,17 +296,24 @@ def enable_compile_cache(directory: Optional[str] = None) -> Optional[pathlib.Pa
     return pathlib.Path(directory)
 
 
-def start_run(args: RunArgs, batch_size: int, experiment: str) -> pathlib.Path:
+def start_run(args: RunArgs, batch_size: int, experiment: str,
+              check: bool = True) -> pathlib.Path:
     """What every experiment does before JAX touches a device: ``jax.distributed``
     initialisation (``--distributed``), the CPU host split into devices
-    (:func:`genjax.train.parallel.split_host_into_devices`), the persistent compilation
-    cache (:func:`enable_compile_cache`); returns the run directory.
+    (:func:`genjax.train.parallel.split_host_into_devices`: ``--host-devices``, else
+    ``--devices``, else one per core), the persistent compilation cache
+    (:func:`enable_compile_cache`), and with ``check`` the run directory's check
+    (:func:`genjax.train.loop.check_run_dir`, before any data is loaded; :func:`fit` checks
+    again); returns the run directory.
 
     Raises:
       ValueError: ``--distributed`` or ``--resume`` without ``--run-dir``.
+      FileExistsError, FileNotFoundError: a new run over another run's files, or a resume
+        without a checkpoint (nothing is touched).
     """
     import jax
 
+    from genjax.train.loop import check_run_dir
     from genjax.train.parallel import split_host_into_devices
 
     if args.resume and args.run_dir is None:
@@ -314,9 +322,30 @@ def start_run(args: RunArgs, batch_size: int, experiment: str) -> pathlib.Path:
         if args.run_dir is None:
             raise ValueError("--distributed needs an explicit --run-dir shared by every host")
         jax.distributed.initialize()
-    split_host_into_devices(batch_size, args.host_devices)
+    host_devices = args.host_devices if args.host_devices is not None else args.devices
+    split_host_into_devices(batch_size, host_devices)
     enable_compile_cache(args.compile_cache)
-    return pathlib.Path(args.run_dir or f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = pathlib.Path(args.run_dir or f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}")
+    if check:
+        check_run_dir(run_dir, args.resume)
+    return run_dir
+
+
+def refuse_unused(args, reasons: Mapping[str, str]) -> None:
+    """Refuse flags that an experiment has but does not use (they would be recorded in
+    ``config.json`` without effect); ``reasons`` maps a field name to why.
+
+    Raises:
+      ValueError: naming the flag and the reason.
+    """
+    for name, why in reasons.items():
+        if getattr(args, name, None) is not None:
+            raise ValueError(f"--{name.replace('_', '-')}: {why}; drop the flag")
+
+
+EVERY_HELDOUT_IMAGE = {"eval_iters": "this experiment evaluates every held-out image (in "
+                                     "batches of --batch-size), not a number of batches"}
+"""The reason of :func:`refuse_unused` for ``--eval-iters`` in the image experiments."""
 
 
 def say(text: str) -> None:

@@ -77,11 +77,15 @@ class Task:
       updates: the :class:`~genjax.train.steps.Update` s of one train step, in order;
         updates with a ``group`` each get their own optimizer (built from the
         :class:`TrainConfig` like the single one), their state kept per group.
-      evaluation: the :class:`~genjax.train.steps.Evaluation` used with ``updates``.
+      evaluation: the :class:`~genjax.train.steps.Evaluation` of each evaluation batch:
+        required with ``updates``; with ``loss_fn`` it replaces the default (the loss and
+        its metrics with dropout off), e.g. when a report gives those figures over every
+        held-out image instead.
 
     Raises:
-      ValueError: neither ``loss_fn`` nor ``updates`` with ``evaluation``, or both; a
-        model state without ``updates`` (a plain ``loss_fn`` cannot update it).
+      ValueError: neither ``loss_fn`` nor ``updates`` with ``evaluation``, or both
+        ``loss_fn`` and ``updates``; a model state without ``updates`` (a plain
+        ``loss_fn`` cannot update it).
     """
 
     name: str
@@ -103,7 +107,7 @@ class Task:
 
     def __post_init__(self):
         if self.loss_fn is not None:
-            wrong = bool(self.updates) or self.evaluation is not None
+            wrong = bool(self.updates)
         else:
             wrong = not (self.updates and self.evaluation is not None)
         if wrong:
