@@ -176,26 +176,27 @@ def epoch_batch_indices(key, step: int, n_examples: int, batch_size: int, start:
     Raises:
       ValueError: ``batch_size`` larger than the number of examples.
     """
-    import jax
-
     steps_per_epoch = n_examples // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {n_examples} training examples")
     epoch, i = divmod(step, steps_per_epoch)
-    perm = _permutation(jax.random.fold_in(key, epoch), n_examples)
+    perm = _permutation(key, epoch, n_examples)
     return perm[i * batch_size: (i + 1) * batch_size][start:stop]
 
 
 _perm_cache: dict = {}
 
 
-def _permutation(key, n):
+def _permutation(key, epoch: int, n: int) -> np.ndarray:
+    """``permutation(fold_in(key, epoch), n)`` as a NumPy array, computed once per epoch:
+    within an epoch a step costs the host no device work (a ``fold_in`` per step would wait
+    for the device to finish the step in flight)."""
     import jax
 
-    k = (np.asarray(key).tobytes(), n)
+    k = (np.asarray(key).tobytes(), epoch, n)
     if k not in _perm_cache:
         _perm_cache.clear()  # one epoch's permutation at a time
-        _perm_cache[k] = np.asarray(jax.random.permutation(key, n))
+        _perm_cache[k] = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
     return _perm_cache[k]
 
 

@@ -7,7 +7,9 @@ Auto-Encoders", ICANN 2011. Shapes: B batch, H x W x C images (28 x 28 x 1 for M
 The decoder's transposed convolutions use kernel 4, stride 2, ``SAME`` padding and
 ``transpose_kernel=True``: exactly PyTorch's ``ConvTranspose2d(kernel_size=4, stride=2,
 padding=1)`` with the weight of shape (in, out, kh, kw) transposed to (kh, kw, out, in)
-(see ``experiments/transposed_convolution.py``).
+(see ``experiments/transposed_convolution.py``), computed by
+:class:`genjax.models.layers.ConvTranspose2x` (the same parameters as Flax's
+``nn.ConvTranspose``, a faster gradient).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from genjax.models.layers import ConvTranspose2x, max_pool_2x2
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -69,7 +73,7 @@ class ConvEncoder(nn.Module):
         check_images(x)
         for f in self.features:
             x = nn.relu(nn.Conv(f, (3, 3), padding="SAME")(x))             # (B, H, W, f)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))                       # (B, H/2, W/2, f)
+            x = max_pool_2x2(x)                                              # (B, H/2, W/2, f)
         x = x.reshape(x.shape[0], -1)                                        # (B, 7*7*f)
         return nn.Dense(self.out_dim)(x)                                     # (B, out_dim)
 
@@ -84,11 +88,8 @@ class ConvDecoder(nn.Module):
     def __call__(self, z):
         f2, f1 = self.features[1], self.features[0]
         x = nn.relu(nn.Dense(7 * 7 * f2)(z)).reshape(z.shape[0], 7, 7, f2)  # (B, 7, 7, f2)
-        x = nn.relu(nn.ConvTranspose(f1, (4, 4), strides=(2, 2), padding="SAME",
-                                     transpose_kernel=True)(x))              # (B, 14, 14, f1)
-        x = nn.ConvTranspose(1, (4, 4), strides=(2, 2), padding="SAME",
-                             transpose_kernel=True)(x)                       # (B, 28, 28, 1)
-        return x
+        x = nn.relu(ConvTranspose2x(f1, name="ConvTranspose_0")(x))         # (B, 14, 14, f1)
+        return ConvTranspose2x(1, name="ConvTranspose_1")(x)                # (B, 28, 28, 1)
 
 
 class AutoEncoder(nn.Module):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from genjax.models.layers import max_pool_2x2
+
 IMAGE_SHAPE = (28, 28, 1)
 N_CLASSES = 10
 
@@ -74,8 +76,8 @@ class MNISTClassifier(nn.Module):
     def features(self, x):
         if x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
             raise ValueError(f"images must have shape (B, 28, 28, 1), got {tuple(x.shape)}")
-        x = nn.max_pool(nn.relu(self.conv1(x)), (2, 2), strides=(2, 2))  # (B, 14, 14, f1)
-        x = nn.max_pool(nn.relu(self.conv2(x)), (2, 2), strides=(2, 2))  # (B, 7, 7, f2)
+        x = max_pool_2x2(nn.relu(self.conv1(x)))                          # (B, 14, 14, f1)
+        x = max_pool_2x2(nn.relu(self.conv2(x)))                          # (B, 7, 7, f2)
         return nn.relu(self.hidden(x.reshape(x.shape[0], -1)))            # (B, F)
 
     def __call__(self, x, train: bool = False):

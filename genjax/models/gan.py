@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from genjax.models.layers import ConvTranspose2x
+
 IMAGE_SHAPE = (28, 28, 1)
 PLAYERS = ("generator", "discriminator")
 
@@ -102,8 +104,9 @@ class Generator(nn.Module):
     """G: z (B, L) -> images (B, 28, 28, 1) in [-1, 1].
 
     Dense to 7 x 7 maps, BatchNorm, ReLU; two transposed convolutions (kernel 4, stride 2,
-    the form of PyTorch's ``ConvTranspose2d(k=4, s=2, padding=1)``) 7 -> 14 -> 28, the
-    first with BatchNorm and ReLU, the last with tanh.
+    the form of PyTorch's ``ConvTranspose2d(k=4, s=2, padding=1)``, computed by
+    :class:`~genjax.models.layers.ConvTranspose2x`) 7 -> 14 -> 28, the first with BatchNorm
+    and ReLU, the last with tanh.
     """
 
     config: GANConfig
@@ -114,12 +117,13 @@ class Generator(nn.Module):
         f7, f14 = self.config.g_features
         B = z.shape[0]
         norm = functools.partial(_batch_norm, train, self.axis_name)
-        up = functools.partial(nn.ConvTranspose, kernel_size=(4, 4), strides=(2, 2),
-                               padding="SAME", transpose_kernel=True, kernel_init=_weight_init)
         x = nn.Dense(7 * 7 * f7, use_bias=False, kernel_init=_weight_init)(z)  # (B, 7*7*f7)
         x = nn.relu(norm()(x.reshape(B, 7, 7, f7)))                              # (B, 7, 7, f7)
-        x = nn.relu(norm()(up(f14, use_bias=False)(x)))                          # (B, 14, 14, f14)
-        return jnp.tanh(up(1)(x))                                                # (B, 28, 28, 1)
+        x = ConvTranspose2x(f14, use_bias=False, kernel_init=_weight_init,
+                            name="ConvTranspose_0")(x)                           # (B, 14, 14, f14)
+        x = nn.relu(norm()(x))
+        x = ConvTranspose2x(1, kernel_init=_weight_init, name="ConvTranspose_1")(x)
+        return jnp.tanh(x)                                                       # (B, 28, 28, 1)
 
 
 class Discriminator(nn.Module):

@@ -1,0 +1,45 @@
+"""experiments/benchmark_pytorch.py, the side-by-side harness (the PyTorch rows need the
+optional torch extra; the genjax row and the peak table do not)."""
+
+import json
+
+import pytest
+
+from experiments import benchmark_pytorch as bench
+
+
+def test_peak_flops_follow_the_device_kind():
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "gpu", 8) == (989e12 * 8,
+                                                                   "H100 dense bf16 peak x 8")
+    assert bench.peak_flops("NVIDIA A100-SXM4-40GB", "gpu", 1)[0] == 312e12
+    assert bench.peak_flops("TPU v5 lite", "tpu", 4)[0] == 197e12 * 4
+    assert bench.peak_flops("TPU v5p", "tpu", 1)[0] == 459e12
+    assert bench.peak_flops("TPU v6 lite", "tpu", 1)[0] == 918e12
+    with pytest.raises(ValueError, match="no peak FLOP/s known for device kind 'Mystery X'"):
+        bench.peak_flops("Mystery X", "gpu", 1)
+    rate, source = bench.peak_flops("cpu", "cpu", 8)  # measured, whatever the device split
+    assert rate > 1e9 and source.startswith("measured")
+
+
+def test_genjax_row_times_the_fit_step(tmp_path):
+    out = tmp_path / "r.json"
+    result = bench.main(["--model", "vae", "--steps", "1", "--warmup", "1", "--repeats", "2",
+                         "--variants", "genjax", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    (row,) = result["rows"]
+    assert row["variant"] == "genjax" and row["vs_genjax"] == 1.0
+    assert row["images_per_s"] == pytest.approx(64 / (row["step_ms"] / 1e3))
+    assert row["step_ms_min"] <= row["step_ms"] <= row["step_ms_max"]
+    assert 0 < row["mfu"] < 1 and result["model_gflop_per_step"] > 0.1
+    assert "pmap over 8 cpu device(s)" in bench.markdown(result)
+    with pytest.raises(ValueError, match="--variants \\['jax'\\]: choose among"):
+        bench.Args(variants=("jax",))
+
+
+def test_pytorch_rows_share_the_batches():
+    pytest.importorskip("torch")
+    result = bench.main(["--model", "gan", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                         "--variants", "genjax", "torch-reference", "torch-fast"])
+    assert [r["variant"] for r in result["rows"]] == ["genjax", "torch-reference", "torch-fast"]
+    assert all(r["step_ms"] > 0 and r["vs_genjax"] > 0 for r in result["rows"])
+    assert result["versions"]["torch"].startswith("2.13")
