@@ -36,7 +36,7 @@ _ADAM = dict(learning_rate=2e-4, lr_schedule="constant", beta1=0.5, beta2=0.999,
 
 PRESETS: dict[str, tuple[GANConfig, TrainConfig]] = {
     "cpu": (GANConfig(latent_dim=100, g_features=(64, 32), d_features=(32, 64)),
-            TrainConfig(max_iters=3000, eval_interval=500, eval_iters=1, batch_size=64,
+            TrainConfig(max_iters=6000, eval_interval=1000, eval_iters=1, batch_size=64,
                         seed=0, **_ADAM)),
     "gpu": (GANConfig(latent_dim=100, g_features=(256, 128), d_features=(64, 128)),
             TrainConfig(max_iters=20000, eval_interval=2000, eval_iters=1, batch_size=128,
