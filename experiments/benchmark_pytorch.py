@@ -2,45 +2,53 @@
 
     pip install -e '.[torch]'
     python -m experiments.benchmark_pytorch [--model gpt|autoencoder|vae|gan] [--preset P]
-        [--steps 20] [--warmup 3] [--repeats 5] [--json PATH] [--torch-threads N]
+        [--steps 20] [--warmup 3] [--repeats 5] [--pause 0.5] [--json PATH]
+        [--torch-threads N]
 
-For the model's preset (default: ``cpu`` without an accelerator), on the same configuration
-and the same batches, it times:
+For the model's preset (default: ``cpu`` without an accelerator), on the same configuration,
+the same initial weights (genjax's, copied into the twins) and the same batches, it times:
 
-- ``genjax``: the step that ``genjax.train.fit`` runs (its engine on the devices the
-  experiment would use: on a CPU one XLA device per core that divides the batch), with
-  fit's host work per step (the image families' batches are gathered on the host and sent
-  to the devices);
+- ``genjax``: the step that ``genjax.train.fit`` runs, with fit's host work per step (the
+  image families' batches gathered on the host and sent to the devices), on the devices
+  the experiment uses on a CPU (one XLA device per core that divides the batch), or on one
+  accelerator, as the PyTorch twins use one;
 - ``torch-reference``: the PyTorch twin as the reference writes it (the lecture's GPT with
   a list of ``Head`` modules; the image models as plain NCHW modules), eager;
 - ``torch-fast``: the same maths as a PyTorch expert writes it for speed (the GPT with one
-  fused q/k/v projection and ``scaled_dot_product_attention``; the image models in
-  ``channels_last`` memory), eager;
+  fused q/k/v projection, ``scaled_dot_product_attention`` and one gather for the batch;
+  the image models in ``channels_last`` memory), eager;
 - ``torch-compiled``: ``torch.compile`` of the fast twin.
 
-Each variant first runs ``--warmup`` steps (the first one's extra time is reported as its
-compile time), then the variants take turns, ``--steps`` steps each, ``--repeats`` times
-(the order rotating each repeat, so that the machine's drift hits all alike). Every step is
-timed to completion (JAX's asynchronous dispatch is waited on; at most two genjax steps are
-in flight, as in fit). Reported: the median step time and its spread (min to max over the
-repeats), throughput, compile time, peak device memory where the platform reports it, the
-model FLOPs utilisation, and each PyTorch variant's time over genjax's; as a Markdown table,
-and with ``--json`` as a JSON file, with the device, library versions and thread counts.
+Each variant runs in its own process, with its framework's default settings (PyTorch's
+OpenMP threads, for one, spin after each parallel region by default: sharing a process with
+JAX would change either one's speed), and first runs ``--warmup`` steps (the first one's
+extra time is reported as compile time: genjax's with its persistent compilation cache and
+PyTorch's with inductor's, both warm after a first run). Then the variants take turns, in a
+random order each round, ``--steps`` steps each, ``--repeats`` rounds, with ``--pause``
+seconds of rest before each turn so that the previous one's threads have gone idle. Every
+step is timed to completion (JAX's asynchronous dispatch is waited on; at most two genjax
+steps are in flight, as in fit). Reported: the median step time and its spread (min to max
+over the rounds), throughput, compile time, peak device memory where the platform reports it
+(GPUs), model FLOPs utilisation, and each variant's time over genjax's; as a Markdown table,
+and with ``--json`` as a JSON file, with the device, library versions and thread counts. On
+a GPU both sides run float32 without TF32.
 
 Model FLOPs are XLA's cost analysis of genjax's whole train step on the global batch
-(forward, backward and optimizer: every device's work); the same count serves every
-variant. The peak they are divided by (:func:`peak_flops`): on a CPU the machine's measured
-float32 matrix-product rate (all its cores), on GPUs and TPUs the vendor's dense bf16 figure
-per device, times the devices used.
+(forward, backward and optimizer: every device's work; for the image models it counts the
+zero taps of the transposed convolutions' 3 x 3 form, about 2% of the AE's); the same count
+serves every variant. The peak they are divided by (:func:`peak_flops`, looked up before any
+timing): on a CPU the machine's measured float32 matrix-product rate (all its cores), on GPUs
+and TPUs the vendor's dense bf16 figure per device, times the devices used (so float32 runs
+show a conservative utilisation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable, Literal, Optional
 
@@ -55,7 +63,7 @@ EXPERIMENT = {"gpt": "gpt_shakespeare", "autoencoder": "autoencoder_mnist",
 # Dense bf16 peaks per device, from the vendors' data sheets (FLOP/s). The CPU's comes from
 # a measurement (cpu_matmul_flops), never from this table.
 PEAK_BF16 = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
 )
 
@@ -79,14 +87,20 @@ class Args:
     """Which of genjax, torch-reference, torch-fast, torch-compiled to run."""
     torch_threads: Optional[int] = None
     """torch.set_num_threads (default: PyTorch's own, one per core)."""
+    pause: float = 0.5
+    """Seconds of rest before each turn (the previous variant's threads go idle)."""
     json: Optional[str] = None
     """Also write the results to this JSON file."""
     seed: int = 0
+    worker: Optional[str] = None
+    """Internal: run this variant as a worker process of the harness."""
 
     def __post_init__(self):
         for name in ("steps", "warmup", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.pause < 0:
+            raise ValueError(f"--pause must be >= 0, got {self.pause}")
         unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown or not self.variants:
             raise ValueError(f"--variants {unknown or '(none)'}: choose among {list(VARIANTS)}")
@@ -94,12 +108,13 @@ class Args:
 
 @dataclasses.dataclass
 class Runner:
-    """One variant: ``step(i)`` runs training step i and returns something to wait on;
-    ``wait(x)`` blocks until it is done."""
+    """One variant: ``step(i)`` runs training step i (on the workload's batch i) and
+    returns something to wait on; ``wait(x)`` blocks until it is done."""
 
     name: str
     step: Callable[[int], Any]
     wait: Callable[[Any], None]
+    platform: str
     peak_memory: Callable[[], Optional[int]] = lambda: None
     note: str = ""
 
@@ -107,9 +122,10 @@ class Runner:
 # --- the workload: preset, data and batches, shared by every variant --------------------
 
 
-def load_preset(model: str, preset: Optional[str]):
+def load_preset(model: str, preset: Optional[str], accelerator: Optional[bool] = None):
     """``(preset, model config, TrainConfig)`` of the family's experiment (the cosine
-    schedule decaying over the run, as the experiments set it).
+    schedule decaying over the run, as the experiments set it). ``preset`` None: ``cpu``
+    without an accelerator (``accelerator``; None: ask JAX), else the accelerator preset.
 
     Raises:
       ValueError: a preset the experiment does not have.
@@ -118,10 +134,11 @@ def load_preset(model: str, preset: Optional[str]):
 
     presets = importlib.import_module(f"experiments.{EXPERIMENT[model]}").PRESETS
     if preset is None:
-        import jax
+        if accelerator is None:
+            import jax
 
-        accelerator = "lecture" if model == "gpt" else "gpu"
-        preset = "cpu" if jax.default_backend() == "cpu" else accelerator
+            accelerator = jax.default_backend() != "cpu"
+        preset = ("lecture" if model == "gpt" else "gpu") if accelerator else "cpu"
     if preset not in presets:
         raise ValueError(f"--preset {preset}: {EXPERIMENT[model]} has {sorted(presets)}")
     model_cfg, train = presets[preset]
@@ -143,8 +160,6 @@ class Workload:
     data: np.ndarray
     batches: list
     data_key: Any
-    items_per_step: int
-    item_name: str
 
 
 def make_workload(model: str, model_cfg, train, seed: int, n_steps: int) -> Workload:
@@ -163,20 +178,21 @@ def make_workload(model: str, model_cfg, train, seed: int, n_steps: int) -> Work
         starts = jax.jit(jax.vmap(lambda k: jax.random.randint(k, (B,), 0, len(tokens) - T)))
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(n_steps))
         batches = list(np.asarray(starts(keys)))
-        return Workload(model, model_cfg, train, tokens, batches, key, B * T, "tokens")
+        return Workload(model, model_cfg, train, tokens, batches, key)
     from genjax.data.mnist import epoch_batch_indices
 
     images = rng.random((10_000, 28, 28, 1), dtype=np.float32)
     per_example = model_cfg.d_steps if model == "gan" else 1
     batches = [epoch_batch_indices(key, i, 9000, B * per_example) for i in range(n_steps)]
-    return Workload(model, model_cfg, train, images, batches, key, B * per_example, "images")
+    return Workload(model, model_cfg, train, images, batches, key)
 
 
 # --- genjax --------------------------------------------------------------------------------
 
 
 def genjax_runner(w: Workload) -> tuple[Runner, float]:
-    """fit's train step on ``w`` and its model FLOPs per step (XLA's cost analysis)."""
+    """fit's train step on ``w`` (genjax's initial weights from ``PRNGKey(0)``) and its model
+    FLOPs per step (XLA's cost analysis of the same step on the global batch)."""
     import jax
 
     from genjax.train.parallel import make_engine
@@ -184,28 +200,30 @@ def genjax_runner(w: Workload) -> tuple[Runner, float]:
 
     task = _genjax_task(w)
     tx, schedule = task.optimizers(w.train)
-    engine = make_engine(w.train.parallel, w.train.devices, w.train.batch_size)
+    if jax.default_backend() == "cpu":  # the experiment's own engine over the host's devices
+        engine = make_engine(w.train.parallel, w.train.devices, w.train.batch_size)
+    else:  # one accelerator, as the PyTorch twins use one
+        engine = make_engine("none", 1, w.train.batch_size)
     state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.replicated,
                              task.init_model_state)
     B = w.train.batch_size
-    data_key = w.data_key
+    data_key = engine.put_replicated(w.data_key)
     dropout_key = engine.put_replicated(jax.random.PRNGKey(1))
     if task.batches_in_step:
         step_fn = engine.compile_train_step(
             task.objective, tx, schedule,
             batch_fn=lambda k, s: task.train_batch(k, s, 0, B))
-        data_key = engine.put_replicated(data_key)
     else:
         step_fn = engine.compile_train_step(task.objective, tx, schedule)
     box = {"state": state, "previous": None}
 
     def step(i):
-        if task.batches_in_step:
+        if task.batches_in_step:  # batch i: the state's step counts the steps run
             box["state"], metrics = step_fn(box["state"], data_key, dropout_key)
-        else:
-            batch = engine.put_batch(task.train_batch(data_key, i, 0, B))
+        else:  # as fit: the batch gathered on the host, the step's key folded from a replicated one
+            batch = engine.put_batch(task.train_batch(w.data_key, i, 0, B))
             box["state"], metrics = step_fn(box["state"], batch,
-                                            jax.random.fold_in(jax.random.PRNGKey(1), i))
+                                            jax.random.fold_in(dropout_key, i))
         if box["previous"] is not None:
             jax.block_until_ready(box["previous"])  # two steps in flight at most, as fit
         box["previous"] = metrics
@@ -215,16 +233,28 @@ def genjax_runner(w: Workload) -> tuple[Runner, float]:
         stats = engine.devices[0].memory_stats() or {}
         return stats.get("peak_bytes_in_use")
 
-    # FLOPs: the same step on the global batch, in one program.
     single = jax.jit(make_train_step(task.objective, tx, schedule))
     key = jax.random.PRNGKey(0)
     batch = jax.eval_shape(lambda: task.train_batch(key, 0, 0, B)) if task.batches_in_step \
-        else task.train_batch(data_key, 0, 0, B)
+        else task.train_batch(w.data_key, 0, 0, B)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     cost = single.lower(abstract, batch, key).compile().cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
-    note = f"{engine.kind} over {engine.n_devices} {engine.devices[0].platform} device(s)"
-    return Runner("genjax", step, jax.block_until_ready, peak_memory, note), flops
+    platform_name = engine.devices[0].platform
+    note = f"{engine.kind} over {engine.n_devices} {platform_name} device(s)"
+    return Runner("genjax", step, jax.block_until_ready, platform_name, peak_memory, note), flops
+
+
+def genjax_initial_weights(w: Workload):
+    """genjax's initial parameters (and model state) of ``w``, as :func:`genjax_runner`
+    starts from them: the twins load these."""
+    import jax
+
+    task = _genjax_task(w)
+    params = jax.jit(task.init_params)(jax.random.PRNGKey(0))
+    if task.init_model_state is None:
+        return params
+    return {"params": params, **jax.jit(task.init_model_state)(jax.random.PRNGKey(0))}
 
 
 def _genjax_task(w: Workload):
@@ -257,24 +287,8 @@ def _genjax_task(w: Workload):
 # --- PyTorch ------------------------------------------------------------------------------
 
 
-def torch_runners(w: Workload, variants, threads: Optional[int]) -> list[Runner]:
-    """The PyTorch variants asked for, each on its own model and optimizer."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    runners = []
-    for name in variants:
-        if not name.startswith("torch"):
-            continue
-        fast, compiled = name != "torch-reference", name == "torch-compiled"
-        torch.manual_seed(0)
-        runners.append(_torch_runner(w, name, fast, compiled, device))
-    return runners
-
-
-def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: str) -> Runner:
+def torch_runner(w: Workload, name: str, threads: Optional[int]) -> Runner:
+    """A PyTorch variant, starting from genjax's initial weights."""
     import torch
     from torch.nn import functional as F
 
@@ -282,9 +296,19 @@ def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: st
     from experiments.torch_twins import images as timg
     from experiments.torch_twins.common import clip, make_optimizer
 
+    if threads:
+        torch.set_num_threads(threads)
+    fast, compiled = name != "torch-reference", name == "torch-compiled"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # float32 without TF32, as genjax on a GPU here
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    weights = genjax_initial_weights(w)
     train, cfg = w.train, w.model_cfg
     sync = (lambda x: torch.cuda.synchronize()) if device == "cuda" else (lambda x: None)
     memory = (lambda: torch.cuda.max_memory_allocated()) if device == "cuda" else (lambda: None)
+    platform_name = "gpu" if device == "cuda" else "cpu"
     layout = torch.channels_last if fast else torch.contiguous_format
 
     def prepare(module):
@@ -296,14 +320,19 @@ def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: st
     if w.model == "gpt":
         data = torch.from_numpy(w.data.astype(np.int64)).to(device)
         T = cfg.block_size
-        model = prepare((tgpt.FastGPT if fast else tgpt.LectureGPT)(cfg))
+        offsets = torch.arange(T, device=device)
+        model = prepare(tgpt.load_genjax((tgpt.FastGPT if fast else tgpt.LectureGPT)(cfg), weights))
         forward = torch.compile(model) if compiled else model
         opt = make_optimizer(model, train)
 
         def step(i):
-            ix = torch.from_numpy(w.batches[i])                          # the lecture's get_batch
-            x = torch.stack([data[j:j + T] for j in ix])
-            y = torch.stack([data[j + 1:j + T + 1] for j in ix])
+            ix = torch.from_numpy(w.batches[i]).to(device)
+            if fast:  # one gather
+                idx = ix[:, None] + offsets                               # (B, T)
+                x, y = data[idx], data[idx + 1]
+            else:  # the lecture's get_batch
+                x = torch.stack([data[j:j + T] for j in ix])
+                y = torch.stack([data[j + 1:j + T + 1] for j in ix])
             _, loss = forward(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -311,16 +340,17 @@ def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: st
             opt.step()
             return loss
 
-        return Runner(name, step, sync, memory)
+        return Runner(name, step, sync, platform_name, memory)
 
     images = torch.from_numpy(w.data.transpose(0, 3, 1, 2).copy()).to(device)
     images = images.contiguous(memory_format=layout)
 
     def batch(i):
-        return images[torch.from_numpy(w.batches[i])]
+        return images[torch.from_numpy(w.batches[i]).to(device)]
 
     if w.model in ("autoencoder", "vae"):
-        model = prepare((timg.AutoEncoder if w.model == "autoencoder" else timg.VAE)(cfg))
+        twin = timg.AutoEncoder if w.model == "autoencoder" else timg.VAE
+        model = prepare(timg.load_autoencoder(twin(cfg), weights))
         loss_of = torch.compile(model.loss) if compiled else model.loss
         opt = make_optimizer(model, train)
 
@@ -332,9 +362,10 @@ def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: st
             opt.step()
             return loss
 
-        return Runner(name, step, sync, memory)
+        return Runner(name, step, sync, platform_name, memory)
 
-    G, D = prepare(timg.Generator(cfg)), prepare(timg.Discriminator(cfg))
+    G, D = timg.load_gan(timg.Generator(cfg), timg.Discriminator(cfg), weights)
+    G, D = prepare(G), prepare(D)
     g, d = (torch.compile(G), torch.compile(D)) if compiled else (G, D)
     opt_g, opt_d = make_optimizer(G, train), make_optimizer(D, train)
     B, L, k = train.batch_size, cfg.latent_dim, cfg.d_steps
@@ -349,7 +380,8 @@ def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: st
     def step(i):
         real = batch(i).reshape(B, k, 1, 28, 28)
         for r in range(k):  # d_steps discriminator updates, each on its own real images
-            fake = g(torch.randn(B, L, device=device)).detach()
+            with torch.no_grad():
+                fake = g(torch.randn(B, L, device=device))
             loss_d = d_loss(d(real[:, r].contiguous(memory_format=layout)), d(fake))
             opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
@@ -362,7 +394,7 @@ def _torch_runner(w: Workload, name: str, fast: bool, compiled: bool, device: st
         opt_g.step()
         return loss_g
 
-    return Runner(name, step, sync, memory)
+    return Runner(name, step, sync, platform_name, memory)
 
 
 # --- timing and reporting -------------------------------------------------------------------
@@ -401,82 +433,214 @@ def cpu_matmul_flops(size: int = 1024, tries: int = 20) -> float:
     return 2 * size ** 3 / best
 
 
-def run_turns(runners: list[Runner], args: Args) -> dict:
-    """Warm up each runner (timing its first step), then ``args.repeats`` rounds of turns of
-    ``args.steps`` steps; returns per runner ``first_s`` and the per-step times of the
-    rounds."""
-    times = {r.name: [] for r in runners}
-    first, counters = {}, {r.name: 0 for r in runners}
+def batch_checksum(w: Workload, n: int) -> int:
+    """A number that depends on every index of the first ``n`` batches and their order:
+    every worker reports it, so the parent can check that they trained on the same ones."""
+    total = 0
+    for i in range(n):
+        total = (total * 1_000_003 + int(np.asarray(w.batches[i], np.int64).sum()) + i) % 2**61
+    return total
 
-    def run(r: Runner, n: int) -> float:
+
+_PROTOCOL = "@@ "  # a worker's lines to the harness; anything else it prints is left alone
+
+
+def preset_batch_size(args: Args) -> int:
+    """The preset's batch size, read without starting JAX (the CPU split depends on it)."""
+    import importlib
+
+    presets = importlib.import_module(f"experiments.{EXPERIMENT[args.model]}").PRESETS
+    preset = presets.get(args.preset or "cpu") or presets["cpu"]  # (a bad name: said later)
+    return preset[1].batch_size
+
+
+def worker(args: Args) -> None:
+    """Run one variant in this process, driven by the harness: after the warm-up it prints
+    ``@@ READY {json}``; then ``RUN n`` on stdin runs n steps and prints ``@@ TIME
+    seconds``; ``DONE`` prints ``@@ STATS {json}`` and ends."""
+    if args.worker == "genjax":
+        from genjax.train.cli import enable_compile_cache
+        from genjax.train.parallel import split_host_into_devices
+
+        split_host_into_devices(preset_batch_size(args))  # before JAX starts, as the experiments
+        enable_compile_cache(None)
+        import jax
+
+        if jax.default_backend() == "gpu":  # float32 without TF32, as PyTorch here
+            jax.config.update("jax_default_matmul_precision", "highest")
+    accelerator = None
+    if args.worker != "genjax":  # JAX only draws the batches and initial weights here, on the CPU
+        import torch
+
+        accelerator = torch.cuda.is_available()
+    preset, model_cfg, train = load_preset(args.model, args.preset, accelerator)
+    n_steps = args.warmup + args.repeats * args.steps
+    if args.worker == "genjax":
+        import jax
+
+        w = make_workload(args.model, model_cfg, train, args.seed, n_steps)
+        runner, flops = genjax_runner(w)
+        device = jax.devices()[0]
+        peak, peak_source = peak_flops(device.device_kind, device.platform,
+                                       1 if device.platform != "cpu" else jax.device_count())
+        extra = {"flops": flops, "peak": peak, "peak_source": peak_source,
+                 "device": f"{device.platform} ({device.device_kind})",
+                 "xla_devices": jax.device_count()}
+    else:
+        w = make_workload(args.model, model_cfg, train, args.seed, n_steps)
+        runner = torch_runner(w, args.worker, args.torch_threads)
+        import torch
+
+        extra = {"torch_threads": torch.get_num_threads()}
+    counter = {"i": 0}
+
+    def run(n: int) -> float:
         t = time.perf_counter()
         out = None
         for _ in range(n):
-            out = r.step(counters[r.name])
-            counters[r.name] += 1
-        r.wait(out)
+            out = runner.step(counter["i"])
+            counter["i"] += 1
+        runner.wait(out)
         return time.perf_counter() - t
 
-    for r in runners:
-        first[r.name] = run(r, 1)
-        if args.warmup > 1:
-            run(r, args.warmup - 1)
-    for k in range(args.repeats):
-        shift = k % len(runners)
-        for r in runners[shift:] + runners[:shift]:
-            times[r.name].append(run(r, args.steps) / args.steps)
-    return {"first_s": first, "times": times}
+    first = run(1)
+    if args.warmup > 1:
+        run(args.warmup - 1)
+
+    def say(tag: str, payload) -> None:
+        print(f"{_PROTOCOL}{tag} {json.dumps(payload)}", flush=True)
+
+    say("READY", {"first_s": first, "note": runner.note, "platform": runner.platform,
+                  "preset": preset, **extra})
+    for line in sys.stdin:
+        command = line.split()
+        if command and command[0] == "RUN":
+            say("TIME", run(int(command[1])))
+        elif command and command[0] == "DONE":
+            say("STATS", {"peak_memory_bytes": runner.peak_memory(),
+                          "batch_checksum": batch_checksum(w, counter["i"])})
+            return
+
+
+class _Worker:
+    """A variant's process, as the harness drives it."""
+
+    def __init__(self, args: Args, variant: str, preset: Optional[str]):
+        import os
+        import subprocess
+
+        env = dict(os.environ)
+        if variant != "genjax":  # JAX there only draws batches and weights: on the CPU
+            env["JAX_PLATFORMS"] = "cpu"
+        cmd = [sys.executable, "-m", "experiments.benchmark_pytorch", "--model", args.model,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats",
+               str(args.repeats), "--seed", str(args.seed), "--worker", variant]
+        if preset:
+            cmd += ["--preset", preset]
+        if args.torch_threads:
+            cmd += ["--torch-threads", str(args.torch_threads)]
+        self.variant = variant
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, bufsize=1, env=env)
+
+    def read(self, tag: str):
+        for line in self.process.stdout:
+            if line.startswith(_PROTOCOL + tag + " "):
+                return json.loads(line[len(_PROTOCOL) + len(tag) + 1:])
+        raise RuntimeError(f"the {self.variant} worker ended before saying {tag} (exit status "
+                           f"{self.process.wait()}; its errors are above)")
+
+    def send(self, command: str) -> None:
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
 
 
 def measure(args: Args) -> dict:
-    """Run the benchmark; returns the JSON-ready results (see the module docstring)."""
-    import jax
+    """Run the benchmark in one worker process per variant; returns the JSON-ready results
+    (see the module docstring).
 
-    preset, model_cfg, train = load_preset(args.model, args.preset)
-    w = make_workload(args.model, model_cfg, train, args.seed,
-                      args.warmup + args.repeats * args.steps)
-    runners, flops = [], None
-    if "genjax" in args.variants:
-        runner, flops = genjax_runner(w)
-        runners.append(runner)
-    if any(v.startswith("torch") for v in args.variants):
-        runners += torch_runners(w, [v for v in VARIANTS if v in args.variants],
-                                 args.torch_threads)
-    timed = run_turns(runners, args)
-    device = jax.devices()[0]
-    peak, peak_source = peak_flops(device.device_kind, device.platform, jax.device_count())
+    Raises:
+      ValueError: PyTorch on another platform than JAX (a TPU host: PyTorch would run on
+        its CPU), or workers that trained on different batches.
+      RuntimeError: a worker that failed.
+    """
+    import random
+
+    variants = [v for v in VARIANTS if v in args.variants]
+    workers, ready = [], {}
+    preset = args.preset
+    try:
+        for v in variants:  # one at a time: a warm-up (compilation) has the machine alone
+            workers.append(_Worker(args, v, preset))
+            ready[v] = workers[-1].read("READY")
+            preset = ready[v]["preset"]  # the first worker's choice, for all
+        platforms = {ready[v]["platform"] for v in variants}
+        if len(platforms) > 1:
+            raise ValueError(f"the variants run on different platforms {sorted(platforms)}: "
+                             "compare like with like (--variants genjax on a TPU host)")
+        times = {v: [] for v in variants}
+        order = random.Random(args.seed)
+        for _ in range(args.repeats):
+            for wk in order.sample(workers, len(workers)):
+                time.sleep(args.pause)
+                wk.send(f"RUN {args.steps}")
+                times[wk.variant].append(wk.read("TIME") / args.steps)
+        stats = {}
+        for wk in workers:
+            wk.send("DONE")
+            stats[wk.variant] = wk.read("STATS")
+    finally:
+        for wk in workers:
+            wk.close()
+    if len({s["batch_checksum"] for s in stats.values()}) > 1:
+        raise ValueError(f"the variants trained on different batches: {stats}")
+    _, _, train = load_preset(args.model, preset)
+    g = ready.get("genjax", {})
+    flops, peak = g.get("flops"), g.get("peak")
     rows = []
-    for r in runners:
-        ts = timed["times"][r.name]
+    for v in variants:
+        ts = times[v]
         step_s = statistics.median(ts)
         rows.append({
-            "variant": r.name, "note": r.note, "step_ms": step_s * 1e3,
+            "variant": v, "note": ready[v]["note"], "step_ms": step_s * 1e3,
             "step_ms_min": min(ts) * 1e3, "step_ms_max": max(ts) * 1e3,
-            f"{w.item_name}_per_s": w.items_per_step / step_s,
-            "compile_s": max(timed["first_s"][r.name] - step_s, 0.0),
-            "peak_memory_bytes": r.peak_memory(),
-            "mfu": flops / step_s / peak if flops else None,
+            "compile_s": max(ready[v]["first_s"] - step_s, 0.0),
+            "peak_memory_bytes": stats[v]["peak_memory_bytes"],
+            "mfu": flops / step_s / peak if flops and peak else None,
         })
+    w_items, item_name = _items_per_step(args.model, preset)
     base = next((row["step_ms"] for row in rows if row["variant"] == "genjax"), None)
     for row in rows:
+        row[f"{item_name}_per_s"] = w_items / (row["step_ms"] / 1e3)
         row["vs_genjax"] = row["step_ms"] / base if base else None
-    versions = {"python": platform.python_version(), "jax": jax.__version__}
-    for lib in ("flax", "optax", "torch"):
+    versions = {"python": platform.python_version()}
+    for lib in ("jax", "flax", "optax", "torch"):
         try:
             versions[lib] = __import__(lib).__version__
         except ImportError:
             pass
-    threads = {"xla_devices": jax.device_count()}
-    if "torch" in versions:
-        import torch
-
-        threads["torch"] = torch.get_num_threads()
+    threads = {"xla_devices": g.get("xla_devices")}
+    threads.update({"torch": r["torch_threads"] for r in ready.values() if "torch_threads" in r})
     return {"model": args.model, "preset": preset, "batch_size": train.batch_size,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "device": f"{device.platform} ({device.device_kind})", "machine": platform.machine(),
-            "versions": versions, "threads": threads, "model_gflop_per_step":
-            flops / 1e9 if flops else None, "peak_gflops": peak / 1e9,
-            "peak_source": peak_source, "rows": rows}
+            "device": g.get("device", ready[variants[0]]["platform"]),
+            "machine": platform.machine(), "versions": versions, "threads": threads,
+            "model_gflop_per_step": flops / 1e9 if flops else None,
+            "peak_gflops": peak / 1e9 if peak else None,
+            "peak_source": g.get("peak_source"), "rows": rows}
+
+
+def _items_per_step(model: str, preset: str) -> tuple[int, str]:
+    """Tokens (GPT) or images per train step, and their name."""
+    _, model_cfg, train = load_preset(model, preset)
+    if model == "gpt":
+        return train.batch_size * model_cfg.block_size, "tokens"
+    return train.batch_size * (model_cfg.d_steps if model == "gan" else 1), "images"
 
 
 def markdown(result: dict) -> str:
@@ -506,30 +670,14 @@ def markdown(result: dict) -> str:
 
 def main(argv=None):
     args = tyro.cli(Args, args=argv, prog="python -m experiments.benchmark_pytorch")
-    # PyTorch's OpenMP threads spin for a while after each parallel region; in one process
-    # with JAX's threads that spinning takes the cores from the next variant. Passive
-    # waiting (set before torch starts; an explicit setting is kept) leaves them free.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    # Before JAX starts: the experiment's own CPU split (one XLA device per core that
-    # divides the batch).
-    from genjax.train.parallel import split_host_into_devices
-
-    split_host_into_devices(load_preset_batch(args))
+    if args.worker is not None:
+        return worker(args)
     result = measure(args)
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-def load_preset_batch(args: Args) -> int:
-    """The preset's batch size, read without starting JAX."""
-    import importlib
-
-    presets = importlib.import_module(f"experiments.{EXPERIMENT[args.model]}").PRESETS
-    preset = presets.get(args.preset or "cpu") or presets["cpu"]  # (a bad name: said later)
-    return preset[1].batch_size
 
 
 if __name__ == "__main__":

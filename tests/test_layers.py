@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from genjax.models.layers import ConvTranspose2x, max_pool_2x2
+from genjax.models.layers import ConvTranspose2x, conv_transpose_2x, max_pool_2x2
 
 
 @pytest.mark.parametrize("features", [1, 3, 16])  # one 3x3 convolution below 8, phases above
@@ -30,6 +30,11 @@ def test_conv_transpose_2x_equals_flax_conv_transpose(features):
 
     for a, b in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # The form other backends use, and mixed precision (promoted as Flax promotes).
+    kernel = params["params"]["kernel"]
+    np.testing.assert_allclose(conv_transpose_2x(x, kernel, sub_pixel=False),
+                               conv_transpose_2x(x, kernel, sub_pixel=True), atol=2e-5)
+    assert conv_transpose_2x(x.astype(jnp.bfloat16), kernel).dtype == jnp.float32
 
 
 def test_max_pool_2x2_equals_flax_max_pool():

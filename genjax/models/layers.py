@@ -1,7 +1,8 @@
-"""Building blocks of the image models, written so that XLA runs them fast on every backend.
+"""Building blocks of the image models, in forms whose gradients XLA:CPU runs fast.
 
 Each computes exactly what its Flax counterpart computes, with the same parameters (names,
-shapes, initialisation), in a form whose gradient XLA compiles to fast code:
+shapes, initialisation), in a form whose gradient XLA compiles to fast code on a CPU (the
+only backend measured here):
 
 - :func:`max_pool_2x2`: ``nn.max_pool(x, (2, 2), strides=(2, 2))`` as a reshape and a max.
   XLA:CPU computes max pooling's gradient (``select_and_scatter``) slowly; the gradient of
@@ -12,7 +13,9 @@ shapes, initialisation), in a form whose gradient XLA compiles to fast code:
   ("sub-pixel" convolution: W. Shi et al., "Real-Time Single Image and Video
   Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Network", CVPR 2016).
   XLA:CPU computes the kernel gradient of ``lax.conv_transpose`` (a convolution of a
-  dilated input) slowly; the phases' gradients are plain convolutions.
+  dilated input) slowly; the phases' gradients are plain convolutions. On other backends
+  (GPUs, TPUs, whose libraries have transposed convolutions of their own) it stays
+  ``lax.conv_transpose``.
 
 What they gain in a whole train step: ``python -m experiments.benchmark_pytorch`` and the
 README. ``tests/test_layers.py`` checks the equalities, gradients included.
@@ -20,7 +23,7 @@ README. ``tests/test_layers.py`` checks the equalities, gradients included.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -49,7 +52,7 @@ def max_pool_2x2(x):
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def conv_transpose_2x(x, kernel):
+def conv_transpose_2x(x, kernel, sub_pixel: Optional[bool] = None):
     """PyTorch's ``ConvTranspose2d(kernel_size=4, stride=2, padding=1)`` without bias:
     (B, H, W, C) -> (B, 2H, 2W, O), ``kernel`` (4, 4, O, C) in the layout of
     ``nn.ConvTranspose(transpose_kernel=True)`` (PyTorch's (C, O, 4, 4) weight transposed).
@@ -60,7 +63,18 @@ def conv_transpose_2x(x, kernel):
     interleaves them. With few output channels (O < 8) the four phases run as one 3 x 3
     convolution with 4 O outputs (each phase's taps in its 2 x 2 corner, zeros elsewhere):
     more multiplications, but one larger convolution instead of four tiny ones.
+
+    ``sub_pixel``: compute it this way (default: on the CPU backend only; elsewhere as
+    ``lax.conv_transpose``). Inputs of different float dtypes are promoted to a common one,
+    as Flax's layers do.
     """
+    dtype = jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if sub_pixel is None:
+        sub_pixel = jax.default_backend() == "cpu"
+    if not sub_pixel:
+        return jax.lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=_DN,
+                                      transpose_kernel=True)
     B, H, W, C = x.shape
     O = kernel.shape[2]
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))                   # (B, H+2, W+2, C)
