@@ -94,6 +94,8 @@ class Args:
     seed: int = 0
     worker: Optional[str] = None
     """Internal: run this variant as a worker process of the harness."""
+    shared: Optional[str] = None
+    """Internal: the file where the genjax worker leaves the batches and initial weights."""
 
     def __post_init__(self):
         for name in ("steps", "warmup", "repeats"):
@@ -162,29 +164,55 @@ class Workload:
     data_key: Any
 
 
-def make_workload(model: str, model_cfg, train, seed: int, n_steps: int) -> Workload:
+def make_workload(model: str, model_cfg, train, seed: int, n_steps: int,
+                  batches: Optional[list] = None) -> Workload:
     """Synthetic data shaped like the experiment's (random tokens of a 65-character
-    vocabulary; uniform 28x28 images, 9,000 of them to train on, 1,000 held out) and the
-    batches of ``n_steps`` steps, as genjax draws them from ``PRNGKey(seed)``
-    (:func:`genjax.data.text.get_batch`, :func:`genjax.data.mnist.epoch_batch_indices`)."""
+    vocabulary; uniform 28x28 images, 9,000 of them to train on, 1,000 held out; NumPy) and
+    the batches of ``n_steps`` steps, as genjax draws them from ``PRNGKey(seed)``
+    (:func:`genjax.data.text.get_batch`, :func:`genjax.data.mnist.epoch_batch_indices`),
+    unless ``batches`` are given (a PyTorch worker reads them from the genjax worker, and
+    so never starts JAX)."""
+    rng = np.random.default_rng(seed)
+    B = train.batch_size
+    if model == "gpt":
+        data = rng.integers(0, 65, 200_000).astype(np.int32)
+    else:
+        data = rng.random((10_000, 28, 28, 1), dtype=np.float32)
+    if batches is not None:
+        return Workload(model, model_cfg, train, data, batches, None)
     import jax
 
-    rng = np.random.default_rng(seed)
-    B, key = train.batch_size, jax.random.PRNGKey(seed)
+    key = jax.random.PRNGKey(seed)
     if model == "gpt":
-        tokens = rng.integers(0, 65, 200_000).astype(np.int32)
         T = model_cfg.block_size
         # get_batch's window starts for fold_in(key, step)
-        starts = jax.jit(jax.vmap(lambda k: jax.random.randint(k, (B,), 0, len(tokens) - T)))
+        starts = jax.jit(jax.vmap(lambda k: jax.random.randint(k, (B,), 0, len(data) - T)))
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(n_steps))
-        batches = list(np.asarray(starts(keys)))
-        return Workload(model, model_cfg, train, tokens, batches, key)
+        return Workload(model, model_cfg, train, data, list(np.asarray(starts(keys))), key)
     from genjax.data.mnist import epoch_batch_indices
 
-    images = rng.random((10_000, 28, 28, 1), dtype=np.float32)
     per_example = model_cfg.d_steps if model == "gan" else 1
     batches = [epoch_batch_indices(key, i, 9000, B * per_example) for i in range(n_steps)]
-    return Workload(model, model_cfg, train, images, batches, key)
+    return Workload(model, model_cfg, train, data, batches, key)
+
+
+def save_shared(path: str, w: Workload) -> None:
+    """What the PyTorch workers take from the genjax worker: the batches and genjax's
+    initial weights (flattened to ``a/b/c`` names), in one ``.npz`` file."""
+    from flax.traverse_util import flatten_dict
+
+    weights = flatten_dict(genjax_initial_weights(w), sep="/")
+    np.savez(path, batches=np.stack(w.batches), **{f"w/{k}": np.asarray(v)
+                                                    for k, v in weights.items()})
+
+
+def load_shared(path: str) -> tuple[list, dict]:
+    """``(batches, weights)`` written by :func:`save_shared`."""
+    from flax.traverse_util import unflatten_dict
+
+    with np.load(path) as f:
+        weights = unflatten_dict({k[2:]: f[k] for k in f.files if k.startswith("w/")}, sep="/")
+        return list(f["batches"]), weights
 
 
 # --- genjax --------------------------------------------------------------------------------
@@ -287,8 +315,9 @@ def _genjax_task(w: Workload):
 # --- PyTorch ------------------------------------------------------------------------------
 
 
-def torch_runner(w: Workload, name: str, threads: Optional[int]) -> Runner:
-    """A PyTorch variant, starting from genjax's initial weights."""
+def torch_runner(w: Workload, name: str, threads: Optional[int], weights=None) -> Runner:
+    """A PyTorch variant, starting from genjax's initial weights (``weights``, else
+    computed here with JAX on the CPU)."""
     import torch
     from torch.nn import functional as F
 
@@ -304,7 +333,8 @@ def torch_runner(w: Workload, name: str, threads: Optional[int]) -> Runner:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    weights = genjax_initial_weights(w)
+    if weights is None:
+        weights = genjax_initial_weights(w)
     train, cfg = w.train, w.model_cfg
     sync = (lambda x: torch.cuda.synchronize()) if device == "cuda" else (lambda x: None)
     memory = (lambda: torch.cuda.max_memory_allocated()) if device == "cuda" else (lambda: None)
@@ -469,7 +499,7 @@ def worker(args: Args) -> None:
         if jax.default_backend() == "gpu":  # float32 without TF32, as PyTorch here
             jax.config.update("jax_default_matmul_precision", "highest")
     accelerator = None
-    if args.worker != "genjax":  # JAX only draws the batches and initial weights here, on the CPU
+    if args.worker != "genjax":
         import torch
 
         accelerator = torch.cuda.is_available()
@@ -479,6 +509,8 @@ def worker(args: Args) -> None:
         import jax
 
         w = make_workload(args.model, model_cfg, train, args.seed, n_steps)
+        if args.shared:
+            save_shared(args.shared, w)
         runner, flops = genjax_runner(w)
         device = jax.devices()[0]
         peak, peak_source = peak_flops(device.device_kind, device.platform,
@@ -486,9 +518,10 @@ def worker(args: Args) -> None:
         extra = {"flops": flops, "peak": peak, "peak_source": peak_source,
                  "device": f"{device.platform} ({device.device_kind})",
                  "xla_devices": jax.device_count()}
-    else:
-        w = make_workload(args.model, model_cfg, train, args.seed, n_steps)
-        runner = torch_runner(w, args.worker, args.torch_threads)
+    else:  # with the genjax worker's batches and weights, this process never starts JAX
+        batches, weights = load_shared(args.shared) if args.shared else (None, None)
+        w = make_workload(args.model, model_cfg, train, args.seed, n_steps, batches)
+        runner = torch_runner(w, args.worker, args.torch_threads, weights)
         import torch
 
         extra = {"torch_threads": torch.get_num_threads()}
@@ -525,7 +558,7 @@ def worker(args: Args) -> None:
 class _Worker:
     """A variant's process, as the harness drives it."""
 
-    def __init__(self, args: Args, variant: str, preset: Optional[str]):
+    def __init__(self, args: Args, variant: str, preset: Optional[str], shared: Optional[str]):
         import os
         import subprocess
 
@@ -537,6 +570,8 @@ class _Worker:
                str(args.repeats), "--seed", str(args.seed), "--worker", variant]
         if preset:
             cmd += ["--preset", preset]
+        if shared:
+            cmd += ["--shared", shared]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
         self.variant = variant
@@ -570,13 +605,16 @@ def measure(args: Args) -> dict:
       RuntimeError: a worker that failed.
     """
     import random
+    import tempfile
 
     variants = [v for v in VARIANTS if v in args.variants]
     workers, ready = [], {}
     preset = args.preset
+    folder = tempfile.TemporaryDirectory(prefix="genjax-bench-")
+    shared = f"{folder.name}/shared.npz" if "genjax" in variants else None
     try:
-        for v in variants:  # one at a time: a warm-up (compilation) has the machine alone
-            workers.append(_Worker(args, v, preset))
+        for v in variants:  # one at a time (genjax first): a warm-up has the machine alone
+            workers.append(_Worker(args, v, preset, shared))
             ready[v] = workers[-1].read("READY")
             preset = ready[v]["preset"]  # the first worker's choice, for all
         platforms = {ready[v]["platform"] for v in variants}
@@ -597,6 +635,7 @@ def measure(args: Args) -> dict:
     finally:
         for wk in workers:
             wk.close()
+        folder.cleanup()
     if len({s["batch_checksum"] for s in stats.values()}) > 1:
         raise ValueError(f"the variants trained on different batches: {stats}")
     _, _, train = load_preset(args.model, preset)
