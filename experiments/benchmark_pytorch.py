@@ -85,6 +85,9 @@ class Args:
     """Rounds of turns; the figures are medians over them."""
     variants: tuple[str, ...] = VARIANTS
     """Which of genjax, torch-reference, torch-fast, torch-compiled to run."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """GPT only: bfloat16 is mixed precision, genjax's --dtype bfloat16 against PyTorch's
+    torch.autocast(dtype=torch.bfloat16), float32 parameters in both."""
     torch_threads: Optional[int] = None
     """torch.set_num_threads (default: PyTorch's own, one per core)."""
     pause: float = 0.5
@@ -103,6 +106,11 @@ class Args:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.pause < 0:
             raise ValueError(f"--pause must be >= 0, got {self.pause}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype}: choose float32 or bfloat16")
+        if self.dtype != "float32" and self.model != "gpt":
+            raise ValueError(f"--dtype {self.dtype}: mixed precision is the GPT's "
+                             f"(--model gpt); the {self.model} trains in float32")
         unknown = sorted(set(self.variants) - set(VARIANTS))
         if unknown or not self.variants:
             raise ValueError(f"--variants {unknown or '(none)'}: choose among {list(VARIANTS)}")
@@ -124,10 +132,12 @@ class Runner:
 # --- the workload: preset, data and batches, shared by every variant --------------------
 
 
-def load_preset(model: str, preset: Optional[str], accelerator: Optional[bool] = None):
+def load_preset(model: str, preset: Optional[str], accelerator: Optional[bool] = None,
+                dtype: str = "float32"):
     """``(preset, model config, TrainConfig)`` of the family's experiment (the cosine
     schedule decaying over the run, as the experiments set it). ``preset`` None: ``cpu``
     without an accelerator (``accelerator``; None: ask JAX), else the accelerator preset.
+    ``dtype``: the GPT's compute dtype.
 
     Raises:
       ValueError: a preset the experiment does not have.
@@ -147,7 +157,7 @@ def load_preset(model: str, preset: Optional[str], accelerator: Optional[bool] =
     if train.lr_schedule == "cosine":
         train = dataclasses.replace(train, lr_decay_iters=train.max_iters)
     if model == "gpt":
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=65)
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=65, dtype=dtype)
     return preset, model_cfg, train
 
 
@@ -354,6 +364,8 @@ def torch_runner(w: Workload, name: str, threads: Optional[int], weights=None) -
         model = prepare(tgpt.load_genjax((tgpt.FastGPT if fast else tgpt.LectureGPT)(cfg), weights))
         forward = torch.compile(model) if compiled else model
         opt = make_optimizer(model, train)
+        autocast = torch.autocast(device, dtype=torch.bfloat16,
+                                  enabled=cfg.dtype == "bfloat16")  # mixed precision
 
         def step(i):
             ix = torch.from_numpy(w.batches[i]).to(device)
@@ -363,7 +375,8 @@ def torch_runner(w: Workload, name: str, threads: Optional[int], weights=None) -
             else:  # the lecture's get_batch
                 x = torch.stack([data[j:j + T] for j in ix])
                 y = torch.stack([data[j + 1:j + T + 1] for j in ix])
-            _, loss = forward(x, y)
+            with autocast:
+                _, loss = forward(x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             clip(model, train)
@@ -503,7 +516,7 @@ def worker(args: Args) -> None:
         import torch
 
         accelerator = torch.cuda.is_available()
-    preset, model_cfg, train = load_preset(args.model, args.preset, accelerator)
+    preset, model_cfg, train = load_preset(args.model, args.preset, accelerator, args.dtype)
     n_steps = args.warmup + args.repeats * args.steps
     if args.worker == "genjax":
         import jax
@@ -574,6 +587,7 @@ class _Worker:
             cmd += ["--shared", shared]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
+        cmd += ["--dtype", args.dtype]
         self.variant = variant
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, bufsize=1, env=env)
@@ -665,7 +679,8 @@ def measure(args: Args) -> dict:
             pass
     threads = {"xla_devices": g.get("xla_devices")}
     threads.update({"torch": r["torch_threads"] for r in ready.values() if "torch_threads" in r})
-    return {"model": args.model, "preset": preset, "batch_size": train.batch_size,
+    return {"model": args.model, "preset": preset, "dtype": args.dtype,
+            "batch_size": train.batch_size,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "device": g.get("device", ready[variants[0]]["platform"]),
             "machine": platform.machine(), "versions": versions, "threads": threads,
@@ -685,7 +700,8 @@ def _items_per_step(model: str, preset: str) -> tuple[int, str]:
 def markdown(result: dict) -> str:
     """The results as a Markdown table with a heading line."""
     rate = next(k for k in result["rows"][0] if k.endswith("_per_s"))
-    lines = [f"{result['model']} `{result['preset']}` preset, batch {result['batch_size']}, "
+    lines = [f"{result['model']} `{result['preset']}` preset, {result['dtype']}, "
+             f"batch {result['batch_size']}, "
              f"{result['device']}; {result['steps']} steps x {result['repeats']} rounds; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
              + f"; threads {result['threads']}"

@@ -72,6 +72,11 @@ class Train(RunArgs):
     """Embedding width C."""
     dropout: Annotated[Optional[float], preset_default("FLOAT")] = None
     """Dropout rate while training (0 turns it off)."""
+    dtype: Annotated[Optional[Literal["float32", "bfloat16"]],
+                     own_default("{float32,bfloat16}")] = None
+    """Compute dtype: bfloat16 is mixed precision (float32 parameters, optimizer state,
+    LayerNorm statistics, softmax and loss). Default: bfloat16 for the lecture preset on a
+    GPU or TPU, else float32; on --resume, the run's."""
     text_file: Annotated[Optional[str], own_default("PATH")] = None
     """Train on this UTF-8 text file instead of Tiny Shakespeare (first 90% train, last
     10% validation); --data-dir: a folder with input.txt or tinyshakespeare/input.txt, given
@@ -113,12 +118,16 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict]:
     ``text_file``: the resumed run's when not given).
 
     The cosine schedule decays over the whole run (``lr_decay_iters = max_iters``), as
-    nanoGPT's CPU recipe. Raises ``ValueError`` on invalid values (a negative
+    nanoGPT's CPU recipe. The lecture preset computes in bfloat16 on a GPU or TPU unless
+    ``--dtype`` says otherwise. Raises ``ValueError`` on invalid values (a negative
     ``--max-new-tokens`` included), before any data is loaded or compiled.
     """
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset)
+    if args.dtype is None and saved is None and preset == "lecture" \
+            and jax.default_backend() != "cpu":
+        model = dataclasses.replace(model, dtype="bfloat16")  # mixed precision on accelerators
     saved_data = (saved or {}).get("data") or {}
     data = {name: resumed_path(getattr(args, name), saved_data.get(name))
             for name in ("data_dir", "text_file")}
@@ -142,7 +151,7 @@ def train(args: Train):
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, train_cfg.eval_iters)
     n_params = count_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-    say(f"GPT with {n_params / 1e6:.6f} M parameters")
+    say(f"GPT with {n_params / 1e6:.6f} M parameters, computing in {model_cfg.dtype}")
     record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg),
               "data": data_flags,

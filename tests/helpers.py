@@ -9,10 +9,10 @@ from genjax.train.config import TrainConfig
 
 
 def tiny_gpt_task(text, block_size=16, n_layer=1, n_head=2, n_embd=16, dropout=0.0,
-                  batch_size=8, eval_iters=2):
+                  batch_size=8, eval_iters=2, dtype="float32"):
     data = make_text_data(*split_text(text), block_size=block_size)
     cfg = GPTConfig(vocab_size=data.tokenizer.vocab_size, block_size=block_size,
-                    n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout)
+                    n_layer=n_layer, n_head=n_head, n_embd=n_embd, dropout=dropout, dtype=dtype)
     return make_task(cfg, data, batch_size, eval_iters), cfg, data
 
 

@@ -43,3 +43,14 @@ def test_pytorch_rows_share_the_batches():
     assert [r["variant"] for r in result["rows"]] == ["genjax", "torch-reference", "torch-fast"]
     assert all(r["step_ms"] > 0 and r["vs_genjax"] > 0 for r in result["rows"])
     assert result["versions"]["torch"].startswith("2.13")
+
+
+def test_mixed_precision_rows(monkeypatch):
+    with pytest.raises(ValueError, match="--dtype bfloat16: mixed precision is the GPT's"):
+        bench.Args(model="vae", dtype="bfloat16")
+    pytest.importorskip("torch")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # batch 12
+    result = bench.main(["--model", "gpt", "--dtype", "bfloat16", "--steps", "1", "--warmup",
+                         "1", "--repeats", "1", "--variants", "genjax", "torch-fast"])
+    assert result["dtype"] == "bfloat16" and "bfloat16" in bench.markdown(result)
+    assert all(r["step_ms"] > 0 for r in result["rows"])

@@ -24,6 +24,7 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     assert "engine=pmap devices=8" in out and "per_device_batch=1" in out
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "cpu" and config["model"]["n_embd"] == 16
+    assert config["model"]["dtype"] == "float32"  # the cpu preset's, on a CPU
     assert config["train"]["lr_decay_iters"] == 6  # the cosine decays over the run
     assert "".join(sorted(config["vocab"])) == config["vocab"]
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -59,12 +60,16 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     with pytest.raises(SystemExit, match="--seed 5: a resumed run continues with the random "
                                          "keys saved in its checkpoint \\(seed 1337\\)"):
         exp.main(["--run-dir", str(run), "--resume", "--seed", "5"])
-    exp.main(["--run-dir", str(run), "--resume", "--max-iters", "9", "--max-new-tokens", "5"])
+    capsys.readouterr()
+    exp.main(["--run-dir", str(run), "--resume", "--max-iters", "9", "--max-new-tokens", "5",
+              "--dtype", "bfloat16"])  # the float32 checkpoint continues in mixed precision
+    assert "computing in bfloat16" in capsys.readouterr().out
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3, 6, 9]
     resumed = json.loads((run / "config.resume-6.json").read_text())
     assert resumed["train"] == {**config["train"], "max_iters": 9, "lr_decay_iters": 9}
-    assert resumed["model"] == config["model"] and resumed["data"] == config["data"]
+    assert resumed["model"] == {**config["model"], "dtype": "bfloat16"}
+    assert resumed["data"] == config["data"]
     assert resumed["data"]["text_file"] == str(text_file)
     samples = (run / "samples.txt").read_text()
     assert samples.count("=== step") == 2 and "=== step 9" in samples

@@ -8,7 +8,7 @@ import pytest
 
 from genjax.train.checkpoint import CheckpointError, saved_steps
 from genjax.train.loop import fit
-from helpers import tiny_gpt_task, tiny_train_config
+from helpers import tiny_gpt_task, tiny_train_config, with_
 
 
 def leaves_equal(a, b):
@@ -26,6 +26,30 @@ def test_tiny_model_overfits_a_short_text(tmp_path):
     assert abs(first["train_loss"] - math.log(task.meta["model"]["vocab_size"])) < 0.1
     assert last["step"] == 300
     assert last["train_loss"] < 0.2, last  # the short text is memorised
+
+
+def test_bfloat16_run_keeps_float32_state_and_follows_the_float32_run(tmp_path, play_text):
+    cfg = tiny_train_config(max_iters=200, eval_interval=200, eval_iters=4, weight_decay=0.0,
+                            learning_rate=1e-3)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        task, _, _ = tiny_gpt_task(play_text, n_embd=32, dtype=dtype)
+        runs[dtype] = fit(task, cfg, tmp_path / dtype, progress=False)
+    state = runs["bfloat16"].state
+    for tree in (state.params, state.opt_state):
+        assert {leaf.dtype for leaf in jax.tree.leaves(tree)
+                if np.issubdtype(leaf.dtype, np.floating)} == {np.dtype(np.float32)}
+    f32, bf16 = runs["float32"].history[-1], runs["bfloat16"].history[-1]
+    assert f32["step"] == bf16["step"] == 200
+    assert math.isfinite(bf16["train_loss"]) and math.isfinite(bf16["val_loss"])
+    assert bf16["train_loss"] < runs["bfloat16"].history[0]["train_loss"] - 0.5  # it learns
+    assert abs(bf16["train_loss"] - f32["train_loss"]) < 0.05, (f32, bf16)
+    assert abs(bf16["val_loss"] - f32["val_loss"]) < 0.05, (f32, bf16)
+    # a float32 checkpoint resumes in bfloat16: the compute dtype is not the checkpoint's
+    task, _, _ = tiny_gpt_task(play_text, n_embd=32, dtype="bfloat16")
+    resumed = fit(task, with_(cfg, max_iters=204), tmp_path / "float32", resume=True,
+                  progress=False)
+    assert int(resumed.state.step) == 204
 
 
 def test_run_dir_records(tmp_path, play_text):

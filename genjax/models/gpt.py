@@ -10,13 +10,20 @@ H heads, D head size (``n_embd // n_head``), V vocabulary.
 
 Where Flax and PyTorch defaults differ, the lecture's are used: LayerNorm epsilon 1e-5,
 Dense/Embed weights drawn from normal(0, 0.02), zero biases.
+
+Two ways to compute the same attention from the same parameters (``GPT(config,
+attention=...)``): ``heads``, the lecture's heads as one batched computation, and ``fused``,
+one q/k/v product and ``jax.nn.dot_product_attention`` (cuDNN's fused kernel on a GPU where
+it applies); ``auto`` picks per backend (``heads`` on the CPU, where XLA runs it faster).
+``GPTConfig.dtype`` ``bfloat16`` is mixed precision: float32 parameters and residual
+stream, bfloat16 products, float32 LayerNorm statistics, softmax and logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -38,10 +45,13 @@ class GPTConfig:
       n_head: attention heads per block; must divide ``n_embd``.
       n_embd: embedding width C.
       dropout: dropout probability in [0, 1), used only when ``deterministic=False``.
+      dtype: the products' dtype: ``float32``, or ``bfloat16`` for mixed precision (the
+        parameters, the residual stream, LayerNorm statistics, softmax and logits stay
+        float32). Not part of the checkpoint: a run may resume in the other dtype.
 
     Raises:
-      ValueError: on a non-positive size, ``n_embd`` not divisible by ``n_head``, or a
-        dropout outside [0, 1), naming the bad value.
+      ValueError: on a non-positive size, ``n_embd`` not divisible by ``n_head``, a
+        dropout outside [0, 1) or an unknown dtype, naming the bad value.
     """
 
     vocab_size: int = 65
@@ -50,6 +60,7 @@ class GPTConfig:
     n_head: int = 6
     n_embd: int = 384
     dropout: float = 0.2
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -63,10 +74,34 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def compute_dtype(self):
+        return COMPUTE_DTYPES[self.dtype]
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION_IMPLEMENTATIONS = ("auto", "heads", "fused")
+
+
+def resolve_attention(attention: str) -> str:
+    """``heads`` or ``fused`` for ``attention`` (``auto``: ``heads`` on the CPU backend,
+    ``fused`` on GPUs and TPUs).
+
+    Raises:
+      ValueError: an ``attention`` outside ``auto``, ``heads``, ``fused``.
+    """
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}")
+    if attention == "auto":
+        return "heads" if jax.default_backend() == "cpu" else "fused"
+    return attention
 
 
 class BigramLanguageModel(nn.Module):
@@ -88,27 +123,50 @@ class BigramLanguageModel(nn.Module):
 class Head(nn.Module):
     """One head of causal self-attention.
 
-    Input x (B, T, C) float32; output (B, T, D). Scores are scaled by D^-0.5, positions may
-    attend only to themselves and earlier ones (lower-triangular mask), and dropout is
-    applied to the attention weights.
+    Input x (B, T, C); output (B, T, D) in ``dtype``. Scores are scaled by D^-0.5, positions
+    may attend only to themselves and earlier ones (lower-triangular mask), the softmax is
+    taken in float32, and dropout is applied to the attention weights.
     """
 
     head_size: int
     dropout: float
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         B, T, C = x.shape
-        dense = functools.partial(nn.Dense, self.head_size, use_bias=False, kernel_init=_weight_init)
+        dense = functools.partial(nn.Dense, self.head_size, use_bias=False,
+                                  kernel_init=_weight_init, dtype=self.dtype)
         k = dense(name="key")(x)    # (B, T, D)
         q = dense(name="query")(x)  # (B, T, D)
         v = dense(name="value")(x)  # (B, T, D)
         wei = q @ k.swapaxes(-2, -1) * self.head_size ** -0.5  # (B, T, T)
         tril = jnp.tril(jnp.ones((T, T), dtype=bool))
-        wei = jnp.where(tril, wei, -jnp.inf)
+        wei = jnp.where(tril, wei.astype(jnp.float32), -jnp.inf)
         wei = jax.nn.softmax(wei, axis=-1)
         wei = nn.Dropout(self.dropout)(wei, deterministic=deterministic)
-        return wei @ v  # (B, T, T) @ (B, T, D) -> (B, T, D)
+        return wei.astype(self.dtype) @ v  # (B, T, T) @ (B, T, D) -> (B, T, D)
+
+
+class _HeadKernel(nn.Module):
+    """The (H, C, D) kernel of one of query/key/value, as :class:`MultiHeadAttention`'s
+    batched heads store it (for its fused computation)."""
+
+    shape: tuple
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", _weight_init, self.shape, jnp.float32)
+
+
+class _QKVKernels(nn.Module):
+    """The batched heads' query, key and value kernels, stacked: (3, H, C, D)."""
+
+    shape: tuple
+
+    @nn.compact
+    def __call__(self):
+        return jnp.stack([_HeadKernel(self.shape, name=n)() for n in ("query", "key", "value")])
 
 
 class MultiHeadAttention(nn.Module):
@@ -117,28 +175,55 @@ class MultiHeadAttention(nn.Module):
     The heads are one batched computation (``nn.vmap`` over a leading head axis of the
     parameters: each of key/query/value is a (H, C, D) kernel), the same maths as the
     lecture's Python list of heads. Every head draws its own dropout mask.
-    Input (B, T, C) -> output (B, T, C).
+
+    ``attention="fused"`` computes the same from the same parameters: one (C, 3HD) product
+    for q, k and v of all heads, then ``jax.nn.dot_product_attention(is_causal=True)``
+    (its implementation chosen by JAX per backend; softmax in float32), or with dropout
+    active the explicit softmax with one dropout draw for all heads (the masks differ from
+    ``heads``', their distribution does not). Input (B, T, C) -> output (B, T, C) in ``dtype``.
     """
 
     n_head: int
     head_size: int
     dropout: float
+    dtype: jnp.dtype = jnp.float32
+    attention: str = "heads"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         B, T, C = x.shape
-        heads = nn.vmap(
-            Head,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(None, None),
-            out_axes=2,
-            axis_size=self.n_head,
-        )(self.head_size, self.dropout, name="heads")
-        out = heads(x, deterministic)                 # (B, T, H, D)
-        out = out.reshape(B, T, self.n_head * self.head_size)  # concat over heads: (B, T, C)
-        out = nn.Dense(C, kernel_init=_weight_init, name="proj")(out)
+        H, D = self.n_head, self.head_size
+        if resolve_attention(self.attention) == "heads":
+            heads = nn.vmap(
+                Head,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(None, None),
+                out_axes=2,
+                axis_size=H,
+            )(D, self.dropout, self.dtype, name="heads")
+            out = heads(x, deterministic)                 # (B, T, H, D)
+        else:
+            out = self._fused(x, deterministic)            # (B, T, H, D)
+        out = out.reshape(B, T, H * D)  # concat over heads: (B, T, C)
+        out = nn.Dense(C, kernel_init=_weight_init, dtype=self.dtype, name="proj")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+    def _fused(self, x, deterministic):
+        H, D = self.n_head, self.head_size
+        B, T, C = x.shape
+        # The vmapped heads' parameters, heads/{query,key,value}/kernel, each (H, C, D).
+        w = _QKVKernels((H, C, D), name="heads")()                      # (3, H, C, D)
+        w = w.transpose(2, 0, 1, 3).reshape(C, 3 * H * D)                # (C, 3HD)
+        qkv = x.astype(self.dtype) @ w.astype(self.dtype)                # (B, T, 3HD)
+        q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 1, 3, 4)    # 3 x (B, T, H, D)
+        if deterministic or self.dropout == 0:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, D)
+        wei = jnp.einsum("bthd,bshd->bhts", q, k) * D ** -0.5            # (B, H, T, T)
+        tril = jnp.tril(jnp.ones((T, T), dtype=bool))
+        wei = jax.nn.softmax(jnp.where(tril, wei.astype(jnp.float32), -jnp.inf), axis=-1)
+        wei = nn.Dropout(self.dropout)(wei, deterministic=False)
+        return jnp.einsum("bhts,bshd->bthd", wei.astype(self.dtype), v)  # (B, T, H, D)
 
 
 class FeedForward(nn.Module):
@@ -146,27 +231,33 @@ class FeedForward(nn.Module):
 
     n_embd: int
     dropout: float
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        x = nn.Dense(4 * self.n_embd, kernel_init=_weight_init)(x)  # (B, T, 4C)
+        dense = functools.partial(nn.Dense, kernel_init=_weight_init, dtype=self.dtype)
+        x = dense(4 * self.n_embd)(x)  # (B, T, 4C)
         x = nn.relu(x)
-        x = nn.Dense(self.n_embd, kernel_init=_weight_init)(x)      # (B, T, C)
+        x = dense(self.n_embd)(x)      # (B, T, C)
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 class Block(nn.Module):
-    """Transformer block, pre-LayerNorm: x + sa(ln1(x)), then x + ffwd(ln2(x))."""
+    """Transformer block, pre-LayerNorm: x + sa(ln1(x)), then x + ffwd(ln2(x)). The
+    residual stream x (B, T, C) stays float32; LayerNorm takes its statistics in float32."""
 
     config: GPTConfig
+    attention: str = "heads"
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        cfg = self.config
-        sa = MultiHeadAttention(cfg.n_head, cfg.head_size, cfg.dropout, name="sa")
-        ffwd = FeedForward(cfg.n_embd, cfg.dropout, name="ffwd")
-        x = x + sa(nn.LayerNorm(epsilon=_LN_EPS, name="ln1")(x), deterministic)    # (B, T, C)
-        x = x + ffwd(nn.LayerNorm(epsilon=_LN_EPS, name="ln2")(x), deterministic)  # (B, T, C)
+        cfg, dtype = self.config, self.config.compute_dtype
+        sa = MultiHeadAttention(cfg.n_head, cfg.head_size, cfg.dropout, dtype, self.attention,
+                                name="sa")
+        ffwd = FeedForward(cfg.n_embd, cfg.dropout, dtype, name="ffwd")
+        ln = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=dtype)
+        x = x + sa(ln(name="ln1")(x), deterministic)    # (B, T, C)
+        x = x + ffwd(ln(name="ln2")(x), deterministic)  # (B, T, C)
         return x
 
 
@@ -176,12 +267,15 @@ class GPT(nn.Module):
     ``apply({'params': p}, idx, deterministic)``: int32 token ids ``idx`` (B, T) with
     T <= block_size give float32 logits (B, T, V). With ``deterministic=False`` dropout is
     on and the call needs a ``'dropout'`` PRNG key (``rngs={'dropout': key}``).
+    ``attention``: ``auto`` (default), ``heads`` or ``fused``, the same maths and
+    parameters (:class:`MultiHeadAttention`).
 
     Raises:
-      ValueError: if T exceeds ``block_size`` (at trace time).
+      ValueError: if T exceeds ``block_size`` (at trace time); an unknown ``attention``.
     """
 
     config: GPTConfig
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, idx, deterministic: bool = True):
@@ -189,15 +283,17 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
+        attention = resolve_attention(self.attention)
         tok_emb = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_weight_init,
                            name="token_embedding_table")(idx)                       # (B, T, C)
         pos_emb = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=_weight_init,
                            name="position_embedding_table")(jnp.arange(T))          # (T, C)
         x = tok_emb + pos_emb                                                      # (B, T, C)
         for i in range(cfg.n_layer):
-            x = Block(cfg, name=f"blocks_{i}")(x, deterministic)                   # (B, T, C)
-        x = nn.LayerNorm(epsilon=_LN_EPS, name="ln_f")(x)                          # (B, T, C)
-        logits = nn.Dense(cfg.vocab_size, kernel_init=_weight_init, name="lm_head")(x)  # (B, T, V)
+            x = Block(cfg, attention, name=f"blocks_{i}")(x, deterministic)        # (B, T, C)
+        x = nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.compute_dtype, name="ln_f")(x)  # (B, T, C)
+        logits = nn.Dense(cfg.vocab_size, kernel_init=_weight_init, dtype=cfg.compute_dtype,
+                          name="lm_head")(x)                                       # (B, T, V)
         return logits.astype(jnp.float32)
 
     def init_params(self, key: jax.Array):
@@ -215,7 +311,8 @@ class GPT(nn.Module):
 @functools.partial(jax.jit, static_argnums=0)
 def _init_params(config: GPTConfig, key: jax.Array):
     idx = jnp.zeros((1, config.block_size), jnp.int32)
-    return GPT(config, parent=None).init({"params": key}, idx)["params"]
+    # Drawn by the heads path whatever the backend: the same seed gives the same parameters.
+    return GPT(config, attention="heads", parent=None).init({"params": key}, idx)["params"]
 
 
 def count_params(params) -> int:

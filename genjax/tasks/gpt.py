@@ -12,6 +12,15 @@ from genjax.models.gpt import GPT, GPTConfig, make_loss_fn
 from genjax.train.loop import Task
 
 
+def checkpoint_model_meta(config: GPTConfig) -> dict:
+    """The model config as a checkpoint records it: the architecture, without the compute
+    ``dtype`` (the parameters are float32 either way, so a run may resume in the other
+    dtype, and checkpoints of earlier versions still match)."""
+    meta = dataclasses.asdict(config)
+    del meta["dtype"]
+    return meta
+
+
 def make_task(config: GPTConfig, data: TextData, batch_size: int, eval_iters: int,
               name: str = "gpt") -> Task:
     """The :class:`genjax.train.loop.Task` of a GPT trained on ``data``.
@@ -50,7 +59,7 @@ def make_task(config: GPTConfig, data: TextData, batch_size: int, eval_iters: in
         train_batch=train_batch,
         eval_batches=eval_batches,
         eval_splits=("train", "val"),
-        meta={"family": "gpt", "model": dataclasses.asdict(config),
+        meta={"family": "gpt", "model": checkpoint_model_meta(config),
               "vocab": data.tokenizer.chars},
         items_per_example=T,
         item_name="tokens",
