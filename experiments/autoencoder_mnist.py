@@ -88,10 +88,11 @@ def run(args: Args):
         f"run dir {run_dir}")
     # state, steps, loop
     task, scores = make_task(model_cfg, data, train_cfg.batch_size, run_dir, anomaly_digit)
-    record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
+    record = {"experiment": "autoencoder_mnist", "preset": preset,
+              "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": full.source, "data_dir": data_dir,
               "anomaly_digit": anomaly_digit}
-    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True)
     final_figures(model_cfg, result, data, scores, anomaly_digit)
     if result.history:  # (a resume with nothing to train evaluates nothing)
         last = result.history[-1]

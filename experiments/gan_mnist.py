@@ -90,10 +90,11 @@ def run(args: Args):
         + f", {model_cfg.d_steps} discriminator update(s) per generator update; run dir {run_dir}")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, quality, N_SAMPLES)
-    record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
+    record = {"experiment": "gan_mnist", "preset": preset,
+              "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": data.source, "data_dir": data_dir,
               **metrics_record}
-    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True)
     final_figures(model_cfg, result, data)
     if result.history:  # (a resume with nothing to train evaluates nothing)
         last = result.history[-1]

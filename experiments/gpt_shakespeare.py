@@ -18,11 +18,11 @@ import tyro
 
 from genjax.data.text import CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params
-from genjax.tasks.gpt import make_task
+from genjax.tasks.gpt import config_from_checkpoint, make_task
 from genjax.train.checkpoint import load_latest
-from genjax.train.cli import (RunArgs, enable_compile_cache, own_default, parse_command,
-                              planned_batch_size, preset_default, resolve_configs, resumed_path,
-                              run_command, say, start_run)
+from genjax.train.cli import (RunArgs, check_experiment, enable_compile_cache, own_default,
+                              parse_command, planned_batch_size, preset_default, resolve_configs,
+                              resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -152,11 +152,12 @@ def train(args: Train):
     task = make_task(model_cfg, data, train_cfg.batch_size, train_cfg.eval_iters)
     n_params = count_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
     say(f"GPT with {n_params / 1e6:.6f} M parameters, computing in {model_cfg.dtype}")
-    record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
+    record = {"experiment": "gpt_shakespeare", "preset": preset,
+              "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg),
               "data": data_flags,
               "n_params": n_params, "vocab": data.tokenizer.chars}
-    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record)
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True)
 
     # sample
     params = result.engine.to_single_device(result.state.params)
@@ -187,9 +188,10 @@ def sample_text(config: GPTConfig, tokenizer: CharTokenizer, params, prompt: str
 
 def sample(args: Sample) -> str:
     """Run the sample command: continue ``args.prompt`` from the run's latest checkpoint."""
+    check_experiment(args.run_dir, "gpt_shakespeare")
     enable_compile_cache(args.compile_cache)
     step, state, meta = load_latest(args.run_dir)
-    config = GPTConfig(**meta["model"])
+    config = config_from_checkpoint(meta, state["train"]["params"])
     tokenizer = CharTokenizer(meta["vocab"])
     text = sample_text(config, tokenizer, state["train"]["params"], args.prompt,
                        args.max_new_tokens, jax.random.PRNGKey(args.seed),

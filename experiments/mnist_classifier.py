@@ -84,10 +84,12 @@ def run(args: Args) -> dict:
         f"{len(data.test_images):,} held-out images; run dir {run_dir}")
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size)
-    config_record = {"preset": preset, "model": dataclasses.asdict(model_cfg),
+    config_record = {"experiment": "mnist_classifier", "preset": preset,
+                     "model": dataclasses.asdict(model_cfg),
                      "train": dataclasses.asdict(train_cfg), "data": data.source,
                      "data_dir": data_dir}
-    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=config_record)
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=config_record,
+                 plot=True)
     record = finish(model_cfg, result, data)
     say(f"held-out accuracy {record['accuracy']:.2%} over {record['heldout_images']:,} images; "
         + (f"real images' figures ({record['real']['n_samples']:,} training images against "

@@ -1,4 +1,5 @@
-"""Figures of the image experiments, drawn with matplotlib (Agg backend, PNG files)."""
+"""Figures drawn with matplotlib (Agg backend, PNG files): the image experiments' grids,
+scatter and ROC plots, and every run's loss curves."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ def save_image_grid(path, images, ncols: int, title: str = "") -> pathlib.Path:
         ax.axis("off")
     for ax, img in zip(axes.ravel(), images):
         ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.1, rect=(0, 0, 1, 1 - (0.35 / height if title else 0)))
-    fig.savefig(path, dpi=80)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99, wspace=0.05, hspace=0.05)
+    if title:  # above the grid, never over its first row
+        fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
+    fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     return pathlib.Path(path)
 
@@ -91,5 +92,68 @@ def save_side_by_side(path, left, right, ncols: int, left_title: str, right_titl
     if title:
         fig.suptitle(title, fontsize=10, y=1.0)
     fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return pathlib.Path(path)
+
+
+def loss_series(records) -> dict:
+    """``{name: (steps, values)}`` of every finite loss figure (keys ending in ``loss``)
+    and of ``lr`` in a run's ``metrics.jsonl`` records."""
+    series: dict = {}
+    for r in records:
+        for k, v in r.items():
+            if (k.endswith("loss") or k == "lr") and isinstance(v, (int, float)) \
+                    and np.isfinite(v) and "step" in r:
+                series.setdefault(k, ([], []))
+                series[k][0].append(r["step"])
+                series[k][1].append(v)
+    return series
+
+
+def save_loss_curves(path, runs: dict, title: str = "") -> pathlib.Path:
+    """Save the loss figures of one or more runs against the step, the learning rate on a
+    second axis (dotted).
+
+    Args:
+      path: the PNG file to write.
+      runs: ``{label: records}``, each the list of a run's ``metrics.jsonl`` records.
+      title: the figure's title.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    lr_ax = None
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+    names: list = []
+    for i, (label, records) in enumerate(runs.items()):
+        series = loss_series(records)
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        for name, (steps, values) in series.items():
+            if name == "lr":
+                continue
+            if name not in names:
+                names.append(name)
+            colour = colours[(i if len(runs) > 1 else names.index(name)) % len(colours)]
+            style = styles[names.index(name) % len(styles)] if len(runs) > 1 else "-"
+            ax.plot(steps, values, color=colour, linestyle=style, marker=".", markersize=3,
+                    label=prefix + name)
+        if "lr" in series:
+            lr_ax = lr_ax or ax.twinx()
+            lr_ax.plot(*series["lr"], color=colours[i % len(colours)] if len(runs) > 1
+                       else "0.5", linestyle=":", label=prefix + "learning rate")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    handles, labels = ax.get_legend_handles_labels()
+    if lr_ax is not None:
+        lr_ax.set_ylabel("learning rate")
+        h2, l2 = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return pathlib.Path(path)

@@ -51,19 +51,27 @@ def text_file(tmp_path, play_text) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def shakespeare_dir() -> pathlib.Path:
-    """``../shared/data`` when it holds Tiny Shakespeare; the test skips otherwise."""
-    if not (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
-        pytest.skip(f"no Tiny Shakespeare under {SHARED_DATA}")
-    return SHARED_DATA
+def shakespeare_dir(tmp_path_factory) -> pathlib.Path:
+    """A data folder holding ``tinyshakespeare/input.txt``: ``../shared/data`` where present,
+    else the copy embedded in genjax (so the real-data tests run everywhere)."""
+    if (SHARED_DATA / "tinyshakespeare" / "input.txt").is_file():
+        return SHARED_DATA
+    from genjax.data import embedded
+
+    base = tmp_path_factory.mktemp("shakespeare")
+    (base / "tinyshakespeare").symlink_to(embedded.shakespeare_dir())
+    return base
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:
-    """``../shared/data`` when it holds the MNIST test set; the test skips otherwise."""
-    if not (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"no MNIST under {SHARED_DATA}")
-    return SHARED_DATA
+    """A data folder holding ``mnist/t10k-*``: ``../shared/data`` where present, else the
+    MNIST test set embedded in genjax."""
+    if (SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz").is_file():
+        return SHARED_DATA
+    from genjax.data import embedded
+
+    return embedded.EMBEDDED
 
 
 @pytest.fixture(scope="session")

@@ -182,13 +182,13 @@ def test_image_experiments_end_to_end(experiment, tmp_path):
     if experiment == "autoencoder_mnist":
         assert {"test_mse", "test_psnr_db", "anomaly_auroc", "elapsed_s"} <= set(records[-1])
         assert "psnr_db" not in records[-1]  # one PSNR figure, over every held-out image
-        for name in ("reconstructions-4.png", "latent-scatter.png", "roc.png"):
+        for name in ("reconstructions-4.png", "latent-scatter.png", "roc.png", "loss.png"):
             assert (run / name).stat().st_size > 1000, name
     else:
         assert {"recon_nats", "kl_nats", "neg_elbo", "iwae_nll", "elapsed_s"} <= set(records[-1])
         assert "iwae_nll" not in records[1]  # intermediate evaluations skip the costly bound
         assert records[-1]["iwae_nll"] <= records[-1]["neg_elbo"] + 5.0
-        for name in ("samples-4.png", "interpolation.png", "manifold.png"):
+        for name in ("samples-4.png", "interpolation.png", "manifold.png", "loss.png"):
             assert (run / name).stat().st_size > 1000, name
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         exp.main(flags + extra)
@@ -207,4 +207,12 @@ def test_image_experiments_end_to_end(experiment, tmp_path):
         assert resumed["data_dir"] == config["data_dir"] == str(tmp_path / "data")
     with pytest.raises(SystemExit, match="latent_dim must be a positive integer"):
         exp.main(flags[:-2] + ["--latent-dim", "0", "--run-dir", str(tmp_path / "r2")])
+    # another experiment's commands on this run: one line naming the one that wrote it
+    from experiments import gan_mnist, gpt_shakespeare
+
+    wrote = f"holds a run of experiments.{experiment}, not of experiments."
+    with pytest.raises(SystemExit, match=wrote + "gpt_shakespeare: use python -m experiments."):
+        gpt_shakespeare.main(["sample", "--run-dir", str(run)])
+    with pytest.raises(SystemExit, match=wrote + "gan_mnist"):
+        gan_mnist.main(["--run-dir", str(run), "--resume"])
     del folder

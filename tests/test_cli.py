@@ -1,14 +1,17 @@
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from experiments import gpt_shakespeare as exp
-from genjax.train.checkpoint import load_latest
+from genjax.train.checkpoint import load_latest, saved_steps
 
 TINY_FLAGS = ["--max-iters", "6", "--eval-interval", "3", "--eval-iters", "2",
               "--batch-size", "8", "--block-size", "16", "--n-layer", "1", "--n-head", "2",
@@ -32,6 +35,7 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     assert {"train_loss", "val_loss", "elapsed_s", "tokens_per_s"} <= set(records[-1])
     samples = (run / "samples.txt").read_text()
     assert samples.startswith("=== step 6") and len(samples.splitlines()) >= 2
+    assert (run / "loss.png").stat().st_size > 5000  # redrawn at each evaluation
 
     text = exp.main(["sample", "--run-dir", str(run), "--prompt", "All:",
                      "--max-new-tokens", "25", "--temperature", "0"])
@@ -63,7 +67,10 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     capsys.readouterr()
     exp.main(["--run-dir", str(run), "--resume", "--max-iters", "9", "--max-new-tokens", "5",
               "--dtype", "bfloat16"])  # the float32 checkpoint continues in mixed precision
-    assert "computing in bfloat16" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "computing in bfloat16" in out
+    # the cosine now decays over 9 steps, not 6: said in one line
+    assert "--resume changes the learning-rate schedule: at step 6 the rate goes from " in out
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 3, 6, 9]
     resumed = json.loads((run / "config.resume-6.json").read_text())
@@ -148,7 +155,19 @@ def test_cli_errors_are_clear(tmp_path, text_file):
         exp.main(["sample", "--run-dir", str(tmp_path / "nothing")])
     with pytest.raises(SystemExit, match="--resume needs --run-dir DIR"):
         exp.main(["--resume", *TINY_FLAGS])
+    with pytest.raises(SystemExit, match="--devices 2: the global batch 7 is not divisible by 2 "
+                                         "devices"):  # before the data set loads
+        exp.main(["--data-dir", str(tmp_path / "no-such-folder"), "--run-dir",
+                  str(tmp_path / "r"), "--batch-size", "7", "--devices", "2"])
     assert not (tmp_path / "r").exists()
+
+
+def test_accelerator_presets_on_a_cpu_warn(capsys):
+    exp.resolve(exp.Train(preset="lecture"))
+    out = capsys.readouterr().out
+    assert "warning: preset lecture is meant for a GPU or TPU" in out
+    exp.resolve(exp.Train(preset="cpu"))
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_presets_match_the_issue():
@@ -231,3 +250,123 @@ def test_resume_past_a_checkpoint_with_lost_files_is_quiet(tmp_path, text_file):
     assert "Encountered error while reading" not in warning[0], warning
     assert "resumed" in out.stdout and "from step 3" in out.stdout
     assert "Traceback" not in out.stderr and "never retrieved" not in out.stderr, out.stderr
+
+
+def _start_training(run, text_file, *extra, env=None):
+    """The GPT experiment in its own process on a tiny config, output merged and unbuffered."""
+    cmd = [sys.executable, "-u", "-m", "experiments.gpt_shakespeare", "--text-file",
+           str(text_file), "--run-dir", str(run), "--max-iters", "100000", "--eval-interval",
+           "40", "--eval-iters", "2", "--batch-size", "8", "--block-size", "16", "--n-layer",
+           "1", "--n-head", "2", "--n-embd", "16", "--warmup-iters", "1", "--host-devices", "1",
+           *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "XLA_FLAGS": "", "TQDM_DISABLE": "1",
+                                 **(env or {})})
+
+
+def test_sigint_stops_a_run_at_any_moment(tmp_path, text_file):
+    # Moments: while the train step compiles (just after the engine line, before step 0's
+    # evaluation ends), right after the first evaluation, and after a checkpoint.
+    triggers = {"compiling": "gpt: ", "first_eval": "step 0:", "later": "step 40:"}
+    procs = {name: _start_training(tmp_path / name, text_file) for name in triggers}
+    for name, proc in procs.items():
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(triggers[name]):
+                proc.send_signal(signal.SIGINT)
+                break
+        out = "".join(seen) + proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130, (name, out)
+        assert "Traceback" not in out and "Exception ignored" not in out, (name, out)
+        lines = [l for l in out.splitlines() if "interrupted" in l]
+        assert len(lines) == 1 and lines[0].startswith("interrupted after step"), (name, out)
+        if name == "later":  # (the run may have gone on while the others were read)
+            found = re.search(r"the latest checkpoint is step (\d+): continue with --resume",
+                              lines[0])
+            assert found and int(found[1]) >= 40 and int(found[1]) % 40 == 0, out
+
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path, text_file):
+    run = tmp_path / "run"
+    proc = _start_training(run, text_file, "--learning-rate", "1e6", "--max-iters", "400",
+                           "--eval-interval", "2")
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1, out
+    (line,) = [l for l in out.splitlines() if "diverged" in l]
+    assert line.startswith("error: the run diverged: ") and "at step" in line, out
+    assert "Nothing non-finite was saved" in line
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(all(v == v for v in r.values() if isinstance(v, float)) for r in records)
+    if saved_steps(run):  # the checkpoint named holds finite parameters
+        step, state, _ = load_latest(run)
+        assert f"the last good checkpoint is step {step}" in line
+        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["train"]))
+
+
+def test_short_runs_scale_the_presets_warmup(capsys):
+    _, _, train, _ = exp.resolve(exp.Train(preset="cpu", max_iters=50))
+    assert (train.warmup_iters, train.lr_decay_iters) == (2, 50)  # 100/2000 of the run
+    assert "--max-iters 50 is within the preset's 100-step warm-up: warming up for 2 steps" \
+        in capsys.readouterr().out
+    _, _, train, _ = exp.resolve(exp.Train(preset="cpu", max_iters=500))
+    assert train.warmup_iters == 100  # it fits: unchanged
+    with pytest.raises(ValueError, match="--warmup-iters 60 must be below --max-iters 50"):
+        exp.resolve(exp.Train(preset="cpu", max_iters=50, warmup_iters=60))
+
+
+def test_checkpoints_are_checked_before_sampling():
+    import jax.numpy as jnp
+
+    from genjax.tasks.gpt import config_from_checkpoint
+
+    model = {"vocab_size": 3, "block_size": 4, "n_layer": 1, "n_head": 1, "n_embd": 4,
+             "dropout": 0.0}
+    params = {"token_embedding_table": {"embedding": jnp.zeros((3, 4))},
+              "lm_head": {"kernel": jnp.zeros((4, 3))}}
+    meta = {"family": "gpt", "model": model, "vocab": "abc"}
+    assert config_from_checkpoint(meta, params).vocab_size == 3
+    with pytest.raises(ValueError, match="the saved vocabulary 4, the model config's vocab_size "
+                                         "3, the token embedding's rows 3"):
+        config_from_checkpoint({**meta, "vocab": "abcd"}, params)
+    with pytest.raises(ValueError, match="the saved vocabulary 3, the model config's vocab_size "
+                                         "5, the token embedding's rows 3, lm_head's outputs 3"):
+        config_from_checkpoint({**meta, "model": {**model, "vocab_size": 5}}, params)
+    with pytest.raises(ValueError, match="holds a 'vae' model, not a GPT"):
+        config_from_checkpoint({**meta, "family": "vae"}, params)
+    from genjax.data.text import CharTokenizer
+
+    with pytest.raises(ValueError, match="ids must be integers in \\[0, 3\\), got dtype float"):
+        CharTokenizer("abc").decode([1.5])
+    assert CharTokenizer("abc").decode([]) == ""
+
+
+def test_a_log_file_gets_plain_lines(tmp_path, text_file):
+    # stderr not a terminal (> log 2>&1): no carriage-return bar, a plain line every few
+    # steps and one per evaluation, each on its own line; TQDM_DISABLE unset
+    run = tmp_path / "run"
+    proc = _start_training(run, text_file, "--max-iters", "60", "--eval-interval", "30",
+                           env={"TQDM_DISABLE": ""})
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "\r" not in out
+    lines = out.splitlines()
+    assert [l.split(":")[0] for l in lines if l.startswith("step ")] == [
+        "step 0", "step 10/60", "step 20/60", "step 30/60", "step 30", "step 40/60",
+        "step 50/60", "step 60/60", "step 60"]
+    assert all(len(l) < 200 for l in lines)
+    assert (run / "loss.png").stat().st_size > 5000
+
+
+def test_plot_overlays_runs(tmp_path, capsys):
+    from genjax import plot
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "train_loss": scale / (s + 1), "val_loss": scale / (s + 2),
+                        "lr": 1e-3}) + "\n" for s in range(0, 50, 10)))
+    out = plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c.png")])
+    assert out.stat().st_size > 5000
+    with pytest.raises(SystemExit, match="error: .*nowhere: no metrics.jsonl"):
+        plot.main([str(tmp_path / "nowhere")])

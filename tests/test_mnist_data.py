@@ -1,4 +1,7 @@
 import gzip
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -101,8 +104,20 @@ def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
     assert data.train_labels.dtype == np.int32 and data.source == "tensorflow-datasets mnist"
 
 
-def test_tfds_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
+def test_offline_without_data_dir_uses_the_embedded_test_set(tmp_path, monkeypatch):
     monkeypatch.delenv(M.DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(M, "network_reachable", lambda *a, **k: False)
-    with pytest.raises(M.DataUnavailableError, match="--data-dir DIR \\(or set GENJAX_DATA_DIR\\)"):
-        M.load_mnist(None, tfds_data_dir=tmp_path)
+    messages = []
+    data = M.load_mnist(None, tfds_data_dir=tmp_path, log=messages.append)
+    assert "using the MNIST test set embedded in genjax" in messages[0]
+    assert (len(data.train_images), len(data.test_images)) == (9000, 1000)
+    counts = np.bincount(np.concatenate([data.train_labels, data.test_labels]))
+    assert counts.tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert data.split_name == "mnist-test-split"
+    # and TensorFlow is never imported on this path (9 s of a failing start before)
+    code = ("import sys; import genjax.data.mnist as M; M.network_reachable = lambda *a, **k: "
+            f"False; d = M.load_mnist(None, tfds_data_dir={str(tmp_path)!r}, log=lambda s: 0); "
+            "print(len(d.train_images), 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "GENJAX_DATA_DIR": ""}, check=True)
+    assert out.stdout.split() == ["9000", "False"]

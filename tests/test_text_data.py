@@ -1,3 +1,4 @@
+import hashlib
 import math
 import os
 import subprocess
@@ -7,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from genjax.data import embedded
 from genjax.data import text as T
 
 
@@ -68,11 +70,19 @@ def test_text_file_errors(tmp_path):
         T.read_text_file(bad)
 
 
-def test_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
+def test_offline_without_data_dir_prepares_the_embedded_copy(tmp_path, monkeypatch):
     monkeypatch.delenv(T.DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("GENJAX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(T, "network_reachable", lambda *a, **k: False)
-    with pytest.raises(RuntimeError, match="--data-dir DIR \\(or set GENJAX_DATA_DIR\\)"):
-        T.load_tiny_shakespeare(tfds_data_dir=tmp_path / "tfds")
+    messages = []
+    train, val = T.load_tiny_shakespeare(tfds_data_dir=tmp_path / "tfds", log=messages.append)
+    assert (len(train), len(val)) == (1_003_854, 111_540)  # TFDS's splits, as downloaded
+    assert len(messages) == 1 and "from the copy embedded in genjax" in messages[0]
+    copy = tmp_path / "cache" / "data" / "tinyshakespeare" / "input.txt"
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == embedded.SHAKESPEARE_SHA256
+    copy.write_text("damaged")  # a damaged copy is written again
+    assert embedded.shakespeare_dir() == copy.parent
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == embedded.SHAKESPEARE_SHA256
 
 
 def test_data_dir_without_input_txt(tmp_path):

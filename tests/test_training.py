@@ -236,3 +236,15 @@ def test_no_recompilation_after_the_first_step(tmp_path, play_text):
         jax.monitoring.unregister_event_duration_listener(listener)
     # Each fit compiles its steps afresh; three times the steps add no compilation.
     assert 0 < n_long <= n_short
+
+
+def test_a_long_run_says_how_long_after_its_first_steps(tmp_path, play_text, monkeypatch):
+    from genjax.train import loop
+
+    task, _, _ = tiny_gpt_task(play_text)
+    monkeypatch.setattr(loop, "LONG_RUN_S", 0.0)  # every run counts as long
+    messages = []
+    fit(task, tiny_train_config(max_iters=8), tmp_path / "run", progress=False,
+        log=messages.append)
+    (line,) = [m for m in messages if m.startswith("warning: about")]
+    assert "s per step here: the 5 steps left take about" in line

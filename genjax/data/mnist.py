@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import os
 import pathlib
 from typing import Callable, Optional
 
 import numpy as np
 
-from genjax.data.tfds import DataUnavailableError, import_tfds, network_reachable
+from genjax.data import embedded
+from genjax.data.tfds import import_tensorflow, import_tfds, network_reachable, quietly
 
 DATA_DIR_ENV = "GENJAX_DATA_DIR"
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
@@ -139,30 +141,48 @@ def load_mnist_idx(data_dir, log: Callable[[str], None] = print) -> ImageData:
 
 
 def load_mnist(data_dir=None, tfds_data_dir=None, log: Callable[[str], None] = print) -> ImageData:
-    """MNIST from IDX files (``data_dir``, default ``$GENJAX_DATA_DIR``) or else TFDS.
+    """MNIST from IDX files (``data_dir``, default ``$GENJAX_DATA_DIR``), else through TFDS,
+    else the test set embedded in genjax.
+
+    Through TFDS, ``mnist`` is prepared once as ArrayRecord and read back without importing
+    TensorFlow (a copy prepared earlier as TFRecord is read through ``tf.data``). When it is
+    not prepared and its download host cannot be reached, the 10,000-image test set shipped
+    with genjax (:mod:`genjax.data.embedded`) is used, split 9,000 / 1,000, saying so in one
+    line; TensorFlow is not imported on that path.
 
     Raises:
-      DataUnavailableError: no ``data_dir``, TFDS's ``mnist`` not prepared and no network.
       FileNotFoundError, ValueError: see :func:`load_mnist_idx`.
     """
     data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     if data_dir is not None:
         return load_mnist_idx(data_dir, log)
-    tfds = import_tfds()
+    tfds = import_tfds(with_tensorflow=False)
     builder = tfds.builder("mnist", data_dir=tfds_data_dir)
+    if not builder.is_prepared() and importlib.util.find_spec("array_record") is not None:
+        builder = tfds.builder("mnist", data_dir=tfds_data_dir, file_format="array_record")
     if not builder.is_prepared():
         if not network_reachable(_TFDS_HOST):
-            raise DataUnavailableError(
-                "mnist is not prepared and there is no network to download it: pass "
-                "--data-dir DIR (or set GENJAX_DATA_DIR) to a folder holding the MNIST IDX "
-                "files (DIR/mnist/t10k-images-idx3-ubyte.gz ...)")
-        builder.download_and_prepare()
+            log("mnist is not prepared and there is no network to download it: using the "
+                "MNIST test set embedded in genjax (--data-dir DIR or GENJAX_DATA_DIR "
+                "points to other IDX files)")
+            return load_mnist_idx(embedded.mnist_dir(), log)
+        log(f"preparing mnist once, from its download, in {tfds_data_dir or 'the TFDS data folder'}")
+        import_tensorflow()
+        with quietly(tfds):
+            builder.download_and_prepare()
 
     def split(name):
-        parts = list(tfds.as_numpy(builder.as_dataset(split=name, batch_size=10_000)))
-        images = np.concatenate([p["image"] for p in parts])[..., 0]
-        labels = np.concatenate([p["label"] for p in parts]).astype(np.int32)
-        return _as_float_images(images, f"tfds mnist {name}"), labels
+        if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+            source = builder.as_data_source(split=name)
+            examples = [source[i] for i in range(len(source))]
+            images = np.stack([np.asarray(ex["image"]) for ex in examples])[..., 0]
+            labels = np.asarray([ex["label"] for ex in examples])
+        else:  # TFRecord, prepared by an earlier genjax: tf.data
+            import_tensorflow()
+            parts = list(tfds.as_numpy(builder.as_dataset(split=name, batch_size=10_000)))
+            images = np.concatenate([p["image"] for p in parts])[..., 0]
+            labels = np.concatenate([p["label"] for p in parts])
+        return _as_float_images(images, f"tfds mnist {name}"), labels.astype(np.int32)
 
     return ImageData(*split("train"), *split("test"), source="tensorflow-datasets mnist")
 

@@ -13,14 +13,15 @@ import functools
 import importlib.util
 import os
 import pathlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genjax.data.tfds import (DataUnavailableError, import_tensorflow, import_tfds,
-                              network_reachable)
+from genjax.data import embedded
+from genjax.data.tfds import (import_tensorflow, import_tfds,
+                              network_reachable, quietly)
 
 TRAIN_FRACTION = 0.9
 DATA_DIR_ENV = "GENJAX_DATA_DIR"
@@ -71,9 +72,12 @@ class CharTokenizer:
         """The text of int ids in [0, V).
 
         Raises:
-          ValueError: an id outside [0, V).
+          ValueError: an id outside [0, V), or ids that are not integers.
         """
         ids = np.asarray(ids).reshape(-1)
+        if ids.size and not (np.issubdtype(ids.dtype, np.integer) or ids.dtype == bool):
+            raise ValueError(f"ids must be integers in [0, {self.vocab_size}), got dtype "
+                             f"{ids.dtype} (e.g. {ids[0]!r})")
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise ValueError(f"ids must lie in [0, {self.vocab_size}), got range "
                              f"[{ids.min()}, {ids.max()}]")
@@ -125,7 +129,8 @@ def find_manual_input(data_dir) -> Optional[pathlib.Path]:
     return None
 
 
-def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
+def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None,
+                          log: Callable[[str], None] = print) -> tuple[str, str]:
     """Tiny Shakespeare's (train, validation) text through ``tensorflow-datasets``.
 
     Train is TFDS's ``train`` split (the first 1,003,854 characters, 90%), validation its
@@ -135,13 +140,14 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
       data_dir: a folder holding ``input.txt`` (or ``tinyshakespeare/input.txt``), given to
         TFDS as its ``manual_dir`` so it prepares the data set offline. Default: the
         environment variable ``GENJAX_DATA_DIR``.
+        Without one, when the data set is not prepared and the download host cannot be
+        reached, TFDS prepares it from the copy embedded in genjax
+        (:mod:`genjax.data.embedded`, the same file and checksum), saying so in one line.
       tfds_data_dir: where TFDS keeps prepared data sets (TFDS's default if None).
+      log: where the one line about preparing the data set goes.
 
     Raises:
       FileNotFoundError: ``data_dir`` given but holds no ``input.txt``.
-      DataUnavailableError: the data set is not prepared, no ``data_dir`` was given and the
-        download host cannot be reached (said at once, naming ``--data-dir`` and
-        ``GENJAX_DATA_DIR``).
     """
     data_dir = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
     manual = find_manual_input(data_dir)
@@ -159,15 +165,19 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None) -> tuple[str, str]:
         builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir,
                                file_format="array_record")
     if not builder.is_prepared():
-        if manual is None and not network_reachable(_SHAKESPEARE_HOST):
-            raise DataUnavailableError(
-                "tiny_shakespeare is not prepared and there is no network to download it: "
-                "pass --data-dir DIR (or set GENJAX_DATA_DIR) to a folder holding "
-                "input.txt or tinyshakespeare/input.txt, or train on any file with "
-                "--text-file PATH")
+        if manual is not None:
+            source = f"{manual / 'input.txt'}"
+        elif network_reachable(_SHAKESPEARE_HOST):
+            source = "its download"
+        else:
+            manual = embedded.shakespeare_dir()
+            source = "the copy embedded in genjax (no network, no --data-dir)"
+        log(f"preparing tiny_shakespeare once, from {source}, in "
+            f"{tfds_data_dir or 'the TFDS data folder'}")
         import_tensorflow()
         config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
-        builder.download_and_prepare(download_config=config)
+        with quietly(tfds):
+            builder.download_and_prepare(download_config=config)
 
     def split_text_of(split: str) -> str:
         if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:

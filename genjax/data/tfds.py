@@ -9,6 +9,7 @@ instead of 8.4 s on a 2-core machine).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 
@@ -41,3 +42,22 @@ def network_reachable(host: str, port: int = 443, timeout_s: float = 3.0) -> boo
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def quietly(tfds):
+    """Prepare a data set without TFDS's progress bars (their download speeds are
+    meaningless for a local file) and without absl's warnings (a missing
+    ``dataset_info.json`` of a data set not prepared yet): the caller says in one line what
+    is prepared from where."""
+    from absl import logging as absl_logging
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    verbosity, bars = absl_logging.get_verbosity(), tqdm_utils._active
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(bars)

@@ -67,3 +67,34 @@ def make_task(config: GPTConfig, data: TextData, batch_size: int, eval_iters: in
         eval_batch=eval_batch,  # and each evaluation is one program
         eval_iters=eval_iters,
     )
+
+
+def config_from_checkpoint(meta: dict, params) -> GPTConfig:
+    """The :class:`GPTConfig` of a checkpoint, checked against its parameters before any
+    work: the saved vocabulary's length, the config's ``vocab_size``, the token embedding's
+    rows and the ``lm_head``'s outputs must agree.
+
+    Args:
+      meta: the checkpoint's metadata (``family``, ``model``, ``vocab``).
+      params: its GPT parameters (arrays or shape structs).
+
+    Raises:
+      ValueError: a checkpoint of another model family, a model config this version
+        cannot build, or sizes that disagree, naming each number.
+    """
+    family = meta.get("family")
+    if family != "gpt":
+        raise ValueError(f"the checkpoint holds a {family!r} model, not a GPT: sample reads runs "
+                         "of experiments.gpt_shakespeare")
+    try:
+        config = GPTConfig(**meta["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"the checkpoint's model config cannot be built ({e})") from None
+    sizes = {"the saved vocabulary": len(meta.get("vocab") or ""),
+             "the model config's vocab_size": config.vocab_size,
+             "the token embedding's rows": params["token_embedding_table"]["embedding"].shape[0],
+             "lm_head's outputs": params["lm_head"]["kernel"].shape[-1]}
+    if len(set(sizes.values())) > 1:
+        raise ValueError("the checkpoint disagrees with itself: " + ", ".join(
+            f"{k} {v}" for k, v in sizes.items()) + "; it cannot be decoded reliably")
+    return config

@@ -32,17 +32,21 @@ def parse_command(commands: Mapping[str, type], default: str,
 
 def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
-    checkpoints) ends the program with one ``error: ...`` line and exit status 1, and
-    Ctrl-C with one ``interrupted`` line and exit status 130 (no traceback)."""
+    checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
+    status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (no
+    traceback)."""
     from genjax.data.tfds import DataUnavailableError
     from genjax.train.checkpoint import CheckpointError
+    from genjax.train.loop import DivergedError, RunInterrupted
 
     try:
         return fn(args)
-    except (ValueError, OSError, DataUnavailableError, CheckpointError) as e:
+    except (ValueError, OSError, DataUnavailableError, CheckpointError, DivergedError) as e:
         raise SystemExit(f"error: {e}") from e
-    except KeyboardInterrupt:  # fit has said where the run stands
-        print("interrupted", file=sys.stderr)
+    except RunInterrupted:  # fit has said where the run stands, in one line
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # before or after training
+        print("interrupted: nothing more was saved", file=sys.stderr)
         raise SystemExit(130) from None
 
 
@@ -178,6 +182,9 @@ def default_preset_for(cpu: str, accelerator: str) -> Callable[[], str]:
     return lambda: cpu if jax.default_backend() == "cpu" else accelerator
 
 
+ACCELERATOR_PRESETS = ("lecture", "gpu")  # every experiment's presets meant for GPUs / TPUs
+
+
 def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset: Callable[[], str]):
     """The run's ``(preset, model config, TrainConfig, saved record or None)``; ``presets``
     maps names to ``(model config, TrainConfig)`` pairs.
@@ -223,7 +230,37 @@ def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset:
         if args.seed is not None and args.seed != train.seed:
             raise ValueError(f"--seed {args.seed}: a resumed run continues with the random "
                              f"keys saved in its checkpoint (seed {train.seed}); drop --seed")
-    return preset, override(model, args), schedule_over_run(override(train, args), args), saved
+    if preset in ACCELERATOR_PRESETS:
+        import jax
+
+        if jax.default_backend() == "cpu":
+            say(f"warning: preset {preset} is meant for a GPU or TPU; on this CPU it may take "
+                "hours or days (the time it needs is said after its first steps); --preset "
+                "cpu is the CPU's")
+    new_train = schedule_over_run(override(train, args), args, base=train)
+    if saved is not None:
+        _say_schedule_change(args, train, new_train)
+    return preset, override(model, args), new_train, saved
+
+
+def _say_schedule_change(args: RunArgs, saved, new) -> None:
+    """On a resume that changes the learning-rate schedule (a cosine decaying over a new
+    ``--max-iters``, a new peak or floor), one line with the rate at the checkpoint's step
+    before and after."""
+    from genjax.train.checkpoint import saved_steps
+    from genjax.train.optim import make_schedule
+
+    steps = saved_steps(args.run_dir)
+    if not steps:
+        return
+    saved = schedule_over_run(saved)
+    before, after = float(make_schedule(saved)(steps[-1])), float(make_schedule(new)(steps[-1]))
+    if saved.max_iters != new.max_iters and saved.lr_schedule == "cosine" or before != after:
+        say(f"--resume changes the learning-rate schedule: at step {steps[-1]} the rate goes "
+            f"from {before:.3g} to {after:.3g} (a cosine over --max-iters {saved.max_iters} "
+            f"before, over {new.max_iters} now)" if new.lr_schedule == "cosine" else
+            f"--resume changes the learning rate at step {steps[-1]} from {before:.3g} to "
+            f"{after:.3g}")
 
 
 def dataclass_from_record(like: T, record: Mapping) -> T:
@@ -241,14 +278,17 @@ def dataclass_from_record(like: T, record: Mapping) -> T:
                                         for k, v in record.items()})
 
 
-def schedule_over_run(train, args: Optional[RunArgs] = None):
+def schedule_over_run(train, args: Optional[RunArgs] = None, base=None):
     """A cosine schedule decays over the whole run: ``lr_decay_iters = max_iters`` (as
-    nanoGPT's recipes); its warm-up must end before.
+    nanoGPT's recipes); its warm-up must end before. A run shorter than the preset's
+    warm-up (``base``: the preset's or the resumed run's config, before the flags) keeps
+    the warm-up's share of the run instead, saying so in one line; the value used is what
+    ``config.json`` records.
 
     Raises:
-      ValueError: ``warmup_iters >= max_iters``, naming both; or ``args`` setting
-        ``--warmup-iters`` / ``--min-lr`` for a constant learning rate (they would be
-        recorded in config.json without taking effect).
+      ValueError: a ``--warmup-iters`` given that is not below ``max_iters``, naming both; or
+        ``args`` setting ``--warmup-iters`` / ``--min-lr`` for a constant learning rate
+        (they would be recorded in config.json without taking effect).
     """
     if train.lr_schedule != "cosine":
         given = [f"--{name.replace('_', '-')}" for name in ("warmup_iters", "min_lr")
@@ -259,8 +299,16 @@ def schedule_over_run(train, args: Optional[RunArgs] = None):
                              "and a min_lr; drop the flag")
         return train
     if train.warmup_iters >= train.max_iters:
-        raise ValueError(f"warmup_iters={train.warmup_iters} must be below max_iters="
-                         f"{train.max_iters}: pass a smaller --warmup-iters")
+        if args is not None and getattr(args, "warmup_iters", None) is not None:
+            raise ValueError(f"--warmup-iters {train.warmup_iters} must be below --max-iters "
+                             f"{train.max_iters}: pass a smaller --warmup-iters")
+        base = base or train
+        share = base.warmup_iters / max(base.max_iters, 1) if base.max_iters > base.warmup_iters \
+            else 0.05
+        warmup = min(int(share * train.max_iters), train.max_iters - 1)
+        say(f"--max-iters {train.max_iters} is within the preset's {train.warmup_iters}-step "
+            f"warm-up: warming up for {warmup} steps instead (the same share of the run)")
+        train = dataclasses.replace(train, warmup_iters=warmup)
     return dataclasses.replace(train, lr_decay_iters=train.max_iters)
 
 
@@ -318,6 +366,11 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
 
     if args.resume and args.run_dir is None:
         raise ValueError("--resume needs --run-dir DIR, the directory of the run to continue")
+    check_experiment(args.run_dir if args.resume else None, experiment)
+    if args.devices is not None and args.devices >= 1 and batch_size % args.devices:
+        raise ValueError(f"--devices {args.devices}: the global batch {batch_size} is not "
+                         f"divisible by {args.devices} devices; choose a batch that is a "
+                         f"multiple of {args.devices}, or another --devices")
     if args.distributed:
         if args.run_dir is None:
             raise ValueError("--distributed needs an explicit --run-dir shared by every host")
@@ -329,6 +382,37 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     if check:
         check_run_dir(run_dir, args.resume)
     return run_dir
+
+
+def run_experiment(run_dir) -> Optional[str]:
+    """The experiment that wrote the run in ``run_dir``, as its config record names it
+    (``config.json``, else the newest ``config.resume-<step>.json``), or None (no record,
+    or one of an older genjax that did not say)."""
+    run_dir = pathlib.Path(run_dir)
+    records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
+    for path in sorted(records, key=_record_order, reverse=True):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("experiment"), str):
+            return record["experiment"]
+    return None
+
+
+def check_experiment(run_dir, experiment: str) -> None:
+    """Refuse a run directory written by another experiment (``--resume``, ``sample``).
+
+    Raises:
+      ValueError: naming the experiment that wrote it and the command that reads it.
+    """
+    if run_dir is None:
+        return
+    wrote = run_experiment(run_dir)
+    if wrote is not None and wrote != experiment:
+        raise ValueError(f"--run-dir {run_dir} holds a run of experiments.{wrote}, not of "
+                         f"experiments.{experiment}: use python -m experiments.{wrote} for it, "
+                         "or choose another --run-dir")
 
 
 def refuse_unused(args, reasons: Mapping[str, str]) -> None:

@@ -13,9 +13,15 @@ uninterrupted one, on any device count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
 import pathlib
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -137,6 +143,112 @@ class Task:
         return tx, schedule
 
 
+LONG_RUN_S = 3600.0  # a run estimated to need longer says so after its first steps
+
+
+def _plot_losses(run_dir: pathlib.Path, name: str) -> None:
+    """``RUN_DIR/loss.png``: the run's loss figures in ``metrics.jsonl`` (a resumed run's
+    earlier records included) against the step, the learning rate on a second axis."""
+    from genjax.viz import save_loss_curves
+
+    records = [json.loads(line) for line in
+               (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tmp = run_dir / "loss.png.tmp.png"
+    save_loss_curves(tmp, {name: records}, title=f"{name}: {run_dir.name}")
+    os.replace(tmp, run_dir / "loss.png")  # never a half-written picture
+
+
+class _Progress:
+    """The loop's progress: on a terminal a ``tqdm`` bar; when stderr is not a terminal
+    (a log file, CI, ``nohup``) or ``TQDM_DISABLE`` is set, one plain line every ``every``
+    steps (about 20 in a run, a multiple of ``log_interval``) instead of carriage-return
+    updates. It starts after the first step, so its rate and time estimate leave
+    compilation out."""
+
+    def __init__(self, name: str, cfg: TrainConfig, step0: int, enabled: bool, log,
+                 item_name: str, items_per_step: int):
+        self.name, self.total, self.log = name, cfg.max_iters, log
+        self.item_name, self.items_per_step = item_name, items_per_step
+        self.enabled = enabled and cfg.max_iters > step0
+        self.plain = os.environ.get("TQDM_DISABLE", "") not in ("", "0") \
+            or not sys.stderr.isatty()
+        n = max(1, round(cfg.max_iters / 20 / cfg.log_interval)) * cfg.log_interval
+        self.every = n
+        self.bar = None
+
+    def start(self, done: int) -> None:
+        if self.enabled and not self.plain:
+            self.bar = tqdm(total=self.total, initial=done, desc=self.name, dynamic_ncols=True)
+
+    def update(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def show(self, done: int, losses: dict, rate: float) -> None:
+        """The last step's losses and the throughput (items per second, training only)."""
+        text = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in losses.items())
+        text += f", {rate:,.0f} {self.item_name}/s"
+        if self.bar is not None:
+            self.update(done)
+            self.bar.set_postfix_str(text)
+        elif self.enabled and self.plain and (done % self.every == 0 or done == self.total):
+            left = (self.total - done) * self.items_per_step / max(rate, 1e-9)
+            self.log(f"step {done}/{self.total}: {text}, about "
+                     f"{_duration(left)} left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`fit`, which has said in one line where the run stands."""
+
+
+class DivergedError(RuntimeError):
+    """A training loss or the parameters became non-finite (nan or inf). The message names
+    the step and the last checkpoint saved, which holds finite parameters."""
+
+
+@contextlib.contextmanager
+def _sigint_requests_stop():
+    """While training, SIGINT (Ctrl-C) only sets ``requested``, which the loop reads between
+    steps: the signal never lands inside JAX's or Orbax's callbacks and threads, where a
+    ``KeyboardInterrupt`` can be swallowed. A second SIGINT raises at once."""
+    flag = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag["requested"]:
+            raise KeyboardInterrupt
+        flag["requested"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _all_finite(tree) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite (one device reduction)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+
+
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns.
@@ -213,6 +325,11 @@ def _model_meta_checker(expected: Mapping[str, Any]):
     expected = json.loads(json.dumps(expected))
 
     def check(meta: dict) -> None:
+        if "family" in expected and meta.get("family") != expected["family"]:
+            raise CheckpointError(
+                f"the checkpoint holds a {meta.get('family')!r} model, not this experiment's "
+                f"{expected['family']!r}: resume it with its own experiment, or start a new "
+                "--run-dir. Nothing was changed.")
         for name in sorted(set(expected) - {"model"}):
             if meta.get(name) != expected[name]:
                 raise CheckpointError(
@@ -305,7 +422,7 @@ def evaluate(task: Task, engine: Engine, eval_step, variables, key: jax.Array,
 
 def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         config_record: Optional[dict] = None, log: Optional[Callable[[str], None]] = None,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, plot: bool = False) -> FitResult:
     """Train ``task`` under ``cfg`` in ``run_dir``: the shared loop of every experiment.
 
     Evaluates at step 0 (a new run), every ``eval_interval`` steps and at ``max_iters``;
@@ -314,14 +431,27 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     ``batch_loss`` or ``batch_{name}_loss``) to ``metrics.jsonl`` and saves a checkpoint
     (the train state with its model state, and the run's keys; except at step 0).
     ``config_record`` (the experiment's whole config) is written to ``config.json``, or
-    beside it as ``config.resume-<step>.json`` on resumption.
+    beside it as ``config.resume-<step>.json`` on resumption. With ``plot``, each evaluation
+    also redraws ``loss.png`` (:func:`genjax.viz.save_loss_curves`; the experiments turn it
+    on). ``progress``: a bar on a terminal, plain lines otherwise (:class:`_Progress`).
 
     Raises:
       ValueError: devices and batch that do not fit (before compilation).
       FileExistsError / FileNotFoundError: see :func:`check_run_dir` (nothing is touched).
       CheckpointError: the checkpoint's model config or other ``task.meta`` entry (the
         GPT's vocabulary) differs, or no checkpoint is readable.
+      DivergedError: a training loss (checked after every step) or the parameters (checked
+        before every checkpoint) became non-finite; no checkpoint of them is saved.
+      RunInterrupted: SIGINT (Ctrl-C), read between steps: the save in flight lands, one
+        line names the checkpoint to resume from.
     """
+    with _sigint_requests_stop() as sigint:
+        return _fit(task, cfg, run_dir, resume=resume, config_record=config_record, log=log,
+                    progress=progress, plot=plot, sigint=sigint)
+
+
+def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot,
+         sigint) -> FitResult:
     log = log or (lambda s: tqdm.write(s) if is_main_process() else None)
     t_start = time.perf_counter()
     engine = make_engine(cfg.parallel, cfg.devices, cfg.batch_size)
@@ -416,23 +546,44 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         if is_main_process():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if plot:
+                _plot_losses(run_dir, task.name)
         shown = {k: v for k, v in record.items()
                  if k.endswith("_loss") and not k.startswith("batch_")}
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
         timer.update(steps=0, seconds=0.0)
 
+    def diverged(step: int, what: str) -> DivergedError:
+        ckpt.wait()  # a save in flight lands first
+        steps = saved_steps(run_dir)
+        return DivergedError(
+            f"the run diverged: {what} at step {step}; "
+            + (f"the last good checkpoint is step {steps[-1]} in {run_dir} (--resume with a "
+               "smaller --learning-rate)" if steps else f"no checkpoint was saved in {run_dir}")
+            + ". Nothing non-finite was saved.")
+
     def save(step: int) -> None:
+        if not _all_finite(state.params):
+            raise diverged(step, "the parameters are not finite")
         ckpt.save(step, {"train": _saved_form(state), "keys": keys}, dict(task.meta))
+
+    def check_finite(step: int, metrics) -> None:
+        losses = {k: float(v) for k, v in jax.device_get(_losses(metrics)).items()}
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            raise diverged(step, ", ".join(f"{k} {v}" for k, v in bad.items()))
 
     if step0 == 0:
         do_eval(0, None)
 
-    bar = tqdm(total=cfg.max_iters, initial=step0, disable=not (progress and is_main_process()),
-               desc=task.name, dynamic_ncols=True)
+    bar = _Progress(task.name, cfg, step0, progress and is_main_process(), log,
+                    task.item_name, items_per_step)
     metrics = None
     done = step0  # steps completed
     try:
         for step in range(step0, cfg.max_iters):
+            if sigint["requested"]:
+                raise KeyboardInterrupt
             previous = metrics
             if task.batches_in_step:  # the same batch and key, drawn inside the step
                 state, metrics = train_step(state, keys["data"], keys["dropout"])
@@ -444,24 +595,34 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
                 # XLA:CPU's collectives cannot pile up (many queued multi-device programs
                 # can deadlock its all-reduce rendezvous).
                 jax.block_until_ready(previous)
+                check_finite(step, previous)  # the step that left `step` done
             done = step + 1
-            bar.update(1)
             if done == step0 + 1:
                 jax.block_until_ready(metrics)  # the first step compiles: not timed
-                timer["mark"] = time.perf_counter()
+                timer["mark"] = timer["first"] = time.perf_counter()
+                bar.start(done)  # its clock starts after compilation
             else:
                 timer["pending"] += 1
+                bar.update(done)
+                if done == step0 + 3 and done < cfg.max_iters:  # two timed steps: a first estimate
+                    jax.block_until_ready(metrics)
+                    per_step = (time.perf_counter() - timer["first"]) / 2
+                    left = per_step * (cfg.max_iters - done)
+                    if left > LONG_RUN_S:
+                        log(f"warning: about {per_step:.2g} s per step here: the "
+                            f"{cfg.max_iters - done:,} steps left take about {_duration(left)} "
+                            "(Ctrl-C stops the run; --resume continues it)")
             at_eval = done % cfg.eval_interval == 0 or done == cfg.max_iters
             if at_eval or done % cfg.log_interval == 0:
                 losses = {k: float(v) for k, v in _losses(metrics).items()}  # waits for the device
-                rate = measure()
-                bar.set_postfix_str(", ".join(f"{k.replace('_', ' ')} {v:.4f}"
-                                              for k, v in losses.items())
-                                    + f", {rate:,.0f} {task.item_name}/s")
+                bar.show(done, losses, measure())
             if at_eval:
+                check_finite(done, metrics)
                 do_eval(done, metrics)
                 save(done)
                 timer["mark"] = time.perf_counter()
+        if sigint["requested"]:  # during the last step, evaluation or save
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         ckpt.wait()  # a save in flight lands first
@@ -469,7 +630,7 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         log(f"interrupted after step {done}; " + (
             f"the latest checkpoint is step {steps[-1]}: continue with --resume --run-dir "
             f"{run_dir}" if steps else f"no checkpoint was saved in {run_dir}"))
-        raise
+        raise RunInterrupted from None
     finally:
         bar.close()
         ckpt.close()

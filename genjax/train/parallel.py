@@ -213,9 +213,12 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
         n_devices = 1 if kind == "none" else len(available)
     if n_devices < 1:
         raise ValueError(f"--devices must be >= 1, got {n_devices}")
+    if global_batch is not None and global_batch % n_devices:
+        raise ValueError(f"global batch size {global_batch} is not divisible by the "
+                         f"{n_devices} devices: choose a multiple of {n_devices}")
     if n_devices > len(available):
         raise ValueError(f"--devices {n_devices} exceeds the {len(available)} available "
-                         f"{available[0].platform} device(s)")
+                         f"{available[0].platform} device(s) (global batch {global_batch})")
     if kind == "none" and n_devices != 1:
         raise ValueError(f"--parallel none runs on one device, but --devices {n_devices} was "
                          "asked: use --parallel pmap or sharding")
