@@ -16,13 +16,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal, Optional
 
-import tyro
-
-from genjax.data.mnist import load_mnist
+from genjax.data.mnist import DATA_DIR_ENV, load_mnist
 from genjax.models.autoencoder import AEConfig
 from genjax.tasks.autoencoder import final_figures, make_task
 from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
-                              planned_batch_size, preset_default, refuse_unused,
+                              parse_args, planned_batch_size, preset_default, refuse_unused,
                               resolve_configs, resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit
@@ -66,11 +64,12 @@ def resolve(args: Args) -> tuple[str, AEConfig, TrainConfig, Optional[int], Opti
         digit = saved.get("anomaly_digit")
     if digit is not None and not 0 <= digit <= 9:
         raise ValueError(f"--anomaly-digit must be a digit 0-9, got {digit}")
-    return preset, model, train, digit, resumed_path(args.data_dir, saved.get("data_dir"))
+    return preset, model, train, digit, resumed_path(args.data_dir, saved.get("data_dir"),
+                                                     DATA_DIR_ENV)
 
 
 def main(argv=None):
-    return run_command(run, tyro.cli(Args, args=argv, prog="python -m experiments.autoencoder_mnist"))
+    return run_command(run, parse_args(Args, argv, "python -m experiments.autoencoder_mnist", PRESETS))
 
 
 def run(args: Args):

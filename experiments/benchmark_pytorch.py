@@ -53,7 +53,8 @@ import time
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
-import tyro
+
+from genjax.train.cli import parse_args
 
 Model = Literal["gpt", "autoencoder", "vae", "gan"]
 VARIANTS = ("genjax", "torch-reference", "torch-fast", "torch-compiled")
@@ -724,7 +725,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None):
-    args = tyro.cli(Args, args=argv, prog="python -m experiments.benchmark_pytorch")
+    args = parse_args(Args, argv, "python -m experiments.benchmark_pytorch")
     if args.worker is not None:
         return worker(args)
     result = measure(args)

@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Literal, Optional
 
-import tyro
+from genjax.train.cli import parse_args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,7 @@ def roofline(preset: str, batch: int) -> dict:
 
 
 def main(argv=None):
-    args = tyro.cli(Args, args=argv)
+    args = parse_args(Args, argv, "python -m experiments.benchmark_scaling")
     if args.worker is not None:
         print("RESULT " + json.dumps(measure(args, args.worker)))
         return

@@ -18,14 +18,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Literal, Optional
 
-import tyro
-
-from genjax.data.mnist import load_mnist
+from genjax.data.mnist import DATA_DIR_ENV, load_mnist
 from genjax.metrics.mnist import N_SAMPLES, MetricsArgs, describe, sample_quality_for
 from genjax.models.gan import GANConfig
 from genjax.tasks.gan import final_figures, make_task
 from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
-                              planned_batch_size, preset_default, refuse_unused,
+                              parse_args, planned_batch_size, preset_default, refuse_unused,
                               resolve_configs, resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit
@@ -67,11 +65,12 @@ def resolve(args: Args) -> tuple[str, GANConfig, TrainConfig, Optional[str], Opt
     with ``--resume`` the run's saved config) with the flags' overrides, the data folder
     the resumed run's when not given. Raises ``ValueError`` on invalid values."""
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
-    return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir")), saved
+    return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir"),
+                                               DATA_DIR_ENV), saved
 
 
 def main(argv=None):
-    return run_command(run, tyro.cli(Args, args=argv, prog="python -m experiments.gan_mnist"))
+    return run_command(run, parse_args(Args, argv, "python -m experiments.gan_mnist", PRESETS))
 
 
 def run(args: Args):

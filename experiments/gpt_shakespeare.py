@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import tyro
 
-from genjax.data.text import CharTokenizer, load_text_data
+from genjax.data.text import DATA_DIR_ENV, CharTokenizer, load_text_data
 from genjax.models.gpt import GPT, GPTConfig, count_params
 from genjax.tasks.gpt import config_from_checkpoint, make_task
 from genjax.train.checkpoint import load_latest
@@ -81,8 +81,8 @@ class Train(RunArgs):
     """Train on this UTF-8 text file instead of Tiny Shakespeare (first 90% train, last
     10% validation); --data-dir: a folder with input.txt or tinyshakespeare/input.txt, given
     to TFDS as its manual_dir."""
-    max_new_tokens: int = 500
-    """Length of the sample printed at the end."""
+    max_new_tokens: Annotated[Optional[int], own_default("INT")] = None
+    """Length of the sample printed at the end (default: 500; on --resume, the run's)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,26 +112,36 @@ def setup(args: Train) -> pathlib.Path:
     return start_run(args, planned_batch_size(args, PRESETS, "cpu"), "gpt_shakespeare")
 
 
-def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict]:
+SAMPLE_TOKENS = 500  # the sample printed at the end of a run, in characters
+
+
+def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict, int]:
     """The preset named by ``args`` (or the default one), or with ``--resume`` the run's
-    saved config, with the flags' overrides; and the data flags (``data_dir``,
-    ``text_file``: the resumed run's when not given).
+    saved config, with the flags' overrides; the data flags (``data_dir``, ``text_file``:
+    the resumed run's when not given; ``data_dir`` else ``$GENJAX_DATA_DIR``, recorded as
+    the path used); and the length of the final sample (``--max-new-tokens``, else the
+    resumed run's, else 500).
 
     The cosine schedule decays over the whole run (``lr_decay_iters = max_iters``), as
     nanoGPT's CPU recipe. The lecture preset computes in bfloat16 on a GPU or TPU unless
     ``--dtype`` says otherwise. Raises ``ValueError`` on invalid values (a negative
     ``--max-new-tokens`` included), before any data is loaded or compiled.
     """
-    if args.max_new_tokens < 0:
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset)
     if args.dtype is None and saved is None and preset == "lecture" \
             and jax.default_backend() != "cpu":
         model = dataclasses.replace(model, dtype="bfloat16")  # mixed precision on accelerators
     saved_data = (saved or {}).get("data") or {}
-    data = {name: resumed_path(getattr(args, name), saved_data.get(name))
-            for name in ("data_dir", "text_file")}
-    return preset, model, train, data
+    text_file = resumed_path(args.text_file, saved_data.get("text_file"))
+    data = {"data_dir": resumed_path(args.data_dir, saved_data.get("data_dir"),
+                                     None if text_file else DATA_DIR_ENV),
+            "text_file": text_file}
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = (saved or {}).get("max_new_tokens", SAMPLE_TOKENS)
+    return preset, model, train, data, max_new_tokens
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -140,7 +150,7 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict]:
 def train(args: Train):
     """Run the training command; returns the :class:`genjax.train.loop.FitResult`."""
     run_dir = setup(args)
-    preset, model_cfg, train_cfg, data_flags = resolve(args)
+    preset, model_cfg, train_cfg, data_flags, max_new_tokens = resolve(args)
 
     # data
     data = load_text_data(model_cfg.block_size, **data_flags)
@@ -155,7 +165,7 @@ def train(args: Train):
     record = {"experiment": "gpt_shakespeare", "preset": preset,
               "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg),
-              "data": data_flags,
+              "data": data_flags, "max_new_tokens": max_new_tokens,
               "n_params": n_params, "vocab": data.tokenizer.chars}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True)
 
@@ -163,7 +173,7 @@ def train(args: Train):
     params = result.engine.to_single_device(result.state.params)
     step = int(result.state.step)
     key = jax.random.fold_in(result.engine.to_single_device(result.keys["init"]), step)
-    text = sample_text(model_cfg, data.tokenizer, params, "", args.max_new_tokens, key)
+    text = sample_text(model_cfg, data.tokenizer, params, "", max_new_tokens, key)
     if is_main_process():
         if step > result.start_step:  # a resume with nothing to train adds no entry
             with open(run_dir / "samples.txt", "a") as f:
@@ -204,7 +214,7 @@ def sample(args: Sample) -> str:
 def main(argv=None):
     """Entry point; bad input ends the program with one ``error: ...`` line (exit status 1)."""
     args = parse_command({"train": Train, "sample": Sample}, default="train", argv=argv,
-                         prog="python -m experiments.gpt_shakespeare")
+                         prog="python -m experiments.gpt_shakespeare", presets=PRESETS)
     return run_command(train if isinstance(args, Train) else sample, args)
 
 

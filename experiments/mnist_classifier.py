@@ -17,15 +17,13 @@ import dataclasses
 import pathlib
 from typing import Annotated, Literal, Optional
 
-import tyro
-
-from genjax.data.mnist import load_mnist
+from genjax.data.mnist import DATA_DIR_ENV, load_mnist
 from genjax.metrics import mnist as mnist_metrics
 from genjax.models.classifier import ClassifierConfig
 from genjax.tasks.classifier import finish, make_task
 from genjax.train.cli import (EVERY_HELDOUT_IMAGE, RunArgs, default_preset_for, own_default,
-                              planned_batch_size, refuse_unused, resolve_configs, resumed_path,
-                              run_command, say, start_run)
+                              parse_args, planned_batch_size, refuse_unused, resolve_configs,
+                              resumed_path, run_command, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import check_run_dir, fit
 
@@ -55,8 +53,8 @@ class Args(RunArgs):
 
 
 def main(argv=None):
-    return run_command(run, tyro.cli(Args, args=argv,
-                                     prog="python -m experiments.mnist_classifier"))
+    return run_command(run, parse_args(Args, argv, "python -m experiments.mnist_classifier",
+                                       PRESETS))
 
 
 def run(args: Args) -> dict:
@@ -67,7 +65,7 @@ def run(args: Args) -> dict:
     start_run(args, planned_batch_size(args, PRESETS, "cpu"), "mnist_classifier", check=False)
     preset, model_cfg, train_cfg, saved = resolve_configs(args, PRESETS,
                                                           default_preset_for("cpu", "gpu"))
-    data_dir = resumed_path(args.data_dir, (saved or {}).get("data_dir"))
+    data_dir = resumed_path(args.data_dir, (saved or {}).get("data_dir"), DATA_DIR_ENV)
     # data
     data = load_mnist(data_dir, log=say)
     run_dir = pathlib.Path(args.run_dir or mnist_metrics.default_classifier_dir(data.split_name))

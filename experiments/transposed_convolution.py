@@ -19,10 +19,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 
 def conv_transpose(x, kernel, stride: int, padding: str, transpose_kernel: bool = False):
@@ -55,7 +58,17 @@ def transpose_as_gradient(y, kernel, stride: int, input_hw: tuple[int, int], pad
     return vjp(y)[0]
 
 
-def main():
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    """Transposed convolution worked through with printed matrices: the SAME and VALID
+    outputs of a 2x2 input and a 3x3 kernel at stride 2, the transposed convolution as the
+    gradient of the strided one, and the weight layout against PyTorch's ConvTranspose2d
+    (with the torch extra). No flags."""
+
+
+def main(argv=None):
+    """Print the demo (``--help``: what it shows)."""
+    tyro.cli(Demo, args=argv, prog="python -m experiments.transposed_convolution")
     np.set_printoptions(precision=1, suppress=True, linewidth=100)
     x = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 2, 1)
     k = jnp.arange(1.0, 10.0).reshape(3, 3, 1, 1)

@@ -28,6 +28,7 @@ def test_train_then_sample_end_to_end(tmp_path, text_file, capsys, caplog):
     config = json.loads((run / "config.json").read_text())
     assert config["preset"] == "cpu" and config["model"]["n_embd"] == 16
     assert config["model"]["dtype"] == "float32"  # the cpu preset's, on a CPU
+    assert config["max_new_tokens"] == 40
     assert config["train"]["lr_decay_iters"] == 6  # the cosine decays over the run
     assert "".join(sorted(config["vocab"])) == config["vocab"]
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -191,8 +192,12 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "experiments.gpt_shakespeare", "--help"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    assert "train" in out.stdout and "sample" in out.stdout
-    assert "train --help" in out.stdout  # where the training flags are
+    # the top-level help is the default command's, with a line naming the other
+    assert "python -m experiments.gpt_shakespeare sample --help" in out.stdout
+    assert "(required)" not in out.stdout and "--max-iters" in out.stdout
+    flat = " ".join(line.strip("│ ") for line in out.stdout.splitlines())
+    assert "cpu: --block-size 64, --n-layer 4" in flat  # the presets' values
+    assert "lecture: --block-size 256" in flat
     out = subprocess.run([sys.executable, "-m", "experiments.gpt_shakespeare", "train", "--help"],
                          capture_output=True, text=True, timeout=120)
     for flag in ("--preset", "--max-iters", "--eval-interval", "--eval-iters", "--batch-size",
@@ -204,6 +209,28 @@ def test_module_entry_point_help():
     assert "(default: None)" not in out.stdout
     assert "(default: the preset's; on --resume, the run's)" in " ".join(
         line.strip("│ ") for line in out.stdout.splitlines())
+
+
+def test_unknown_flags_and_demo_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        exp.main(["--lerning-rate", "1"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown flag --lerning-rate; did you mean --learning-rate? All flags: "
+        "python -m experiments.gpt_shakespeare train --help")
+    from experiments import transposed_convolution, vae_mnist
+
+    with pytest.raises(SystemExit):
+        vae_mnist.main(["--latnt-dim", "2"])
+    assert "did you mean --latent-dim? All flags: python -m experiments.vae_mnist --help" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # help, not the demo
+        transposed_convolution.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "worked through with printed matrices" in out and "input (2x2)" not in out
+    with pytest.raises(SystemExit, match="learning_rate must be a finite number, got nan"):
+        exp.main(["--learning-rate", "nan", "--run-dir", "/nonexistent/never"])
 
 
 def test_compile_cache_flag(tmp_path, monkeypatch):
@@ -305,11 +332,11 @@ def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path, text_file)
 
 
 def test_short_runs_scale_the_presets_warmup(capsys):
-    _, _, train, _ = exp.resolve(exp.Train(preset="cpu", max_iters=50))
+    _, _, train, _, _ = exp.resolve(exp.Train(preset="cpu", max_iters=50))
     assert (train.warmup_iters, train.lr_decay_iters) == (2, 50)  # 100/2000 of the run
     assert "--max-iters 50 is within the preset's 100-step warm-up: warming up for 2 steps" \
         in capsys.readouterr().out
-    _, _, train, _ = exp.resolve(exp.Train(preset="cpu", max_iters=500))
+    _, _, train, _, _ = exp.resolve(exp.Train(preset="cpu", max_iters=500))
     assert train.warmup_iters == 100  # it fits: unchanged
     with pytest.raises(ValueError, match="--warmup-iters 60 must be below --max-iters 50"):
         exp.resolve(exp.Train(preset="cpu", max_iters=50, warmup_iters=60))
@@ -370,3 +397,12 @@ def test_plot_overlays_runs(tmp_path, capsys):
     assert out.stat().st_size > 5000
     with pytest.raises(SystemExit, match="error: .*nowhere: no metrics.jsonl"):
         plot.main([str(tmp_path / "nowhere")])
+
+
+def test_the_data_folder_from_the_environment_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENJAX_DATA_DIR", str(tmp_path / "a" / ".." / "data"))
+    _, _, _, data, max_new_tokens = exp.resolve(exp.Train(preset="cpu"))
+    assert data == {"data_dir": str((tmp_path / "data").resolve()), "text_file": None}
+    assert max_new_tokens == 500
+    _, _, _, data, _ = exp.resolve(exp.Train(preset="cpu", text_file="x.txt"))
+    assert data["data_dir"] is None  # a text file is what the run trains on

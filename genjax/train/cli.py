@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import json
 import os
 import pathlib
@@ -16,18 +18,73 @@ T = TypeVar("T")
 
 
 def parse_command(commands: Mapping[str, type], default: str,
-                  argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
+                  argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
+                  presets: Optional[Mapping[str, tuple]] = None):
     """Parse ``argv`` into one of ``commands`` (name -> dataclass type) with ``tyro``.
 
-    A command line that does not start with a command name (nor ``-h``/``--help``) runs
-    ``default``: ``python -m experiments.x --max-iters 10`` means ``... train --max-iters 10``.
+    A command line that does not start with a command name runs ``default``:
+    ``python -m experiments.x --max-iters 10`` means ``... train --max-iters 10``, and
+    ``--help`` alone shows the default command's flags (after one line naming the others).
+    ``presets`` (name -> configs) are listed in the default command's help with the values
+    its flags take when left out.
+
+    Raises:
+      SystemExit: an unknown flag, in one line naming the closest known one (exit
+        status 2); tyro's own errors and ``--help`` as tyro raises them.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in commands and argv[0] not in ("-h", "--help")):
+    prog = prog or "python -m " + pathlib.Path(sys.argv[0]).stem
+    if argv and argv[0] in ("-h", "--help"):
+        others = ", ".join(f"{prog} {name} --help" for name in commands if name != default)
+        print(f"{prog} [{default}] runs the {default} command (its flags below); also: {others}")
         argv = [default] + argv
-    union = Union[tuple(Annotated[cls, tyro.conf.subcommand(name)]  # type: ignore[misc]
-                        for name, cls in commands.items())]
+    if not argv or argv[0] not in commands:
+        argv = [default] + argv
+    _refuse_unknown_flags(commands[argv[0]], argv[1:], f"{prog} {argv[0]}")
+    union = Union[tuple(Annotated[cls, tyro.conf.subcommand(  # type: ignore[misc]
+        name, description=_description(cls, presets if name == default else None))]
+        for name, cls in commands.items())]
     return tyro.cli(union, args=argv, prog=prog)
+
+
+def parse_args(cls: type, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
+               presets: Optional[Mapping[str, tuple]] = None):
+    """Parse ``argv`` into the dataclass ``cls`` with ``tyro``, as :func:`parse_command`
+    does for one command: unknown flags refused in one line, ``presets`` listed in the help.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or "python -m " + pathlib.Path(sys.argv[0]).stem
+    _refuse_unknown_flags(cls, argv, prog)
+    return tyro.cli(cls, args=argv, prog=prog, description=_description(cls, presets))
+
+
+def _refuse_unknown_flags(cls: type, argv: Sequence[str], command: str) -> None:
+    known = {"-h", "--help"}
+    for field in dataclasses.fields(cls):
+        flag = field.name.replace("_", "-")
+        known |= {f"--{flag}", f"--no-{flag}"}
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known - {"-h"}), n=1, cutoff=0.6)
+            print(f"error: unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
+                  + f" All flags: {command} --help", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def _description(cls: type, presets: Optional[Mapping[str, tuple]]) -> str:
+    """``cls``'s docstring, and with ``presets`` each preset's values of ``cls``'s flags."""
+    text = inspect.cleandoc(cls.__doc__ or "")
+    if not presets:
+        return text
+    flags = {f.name for f in dataclasses.fields(cls)}
+    lines = []
+    for name, configs in presets.items():
+        values = {f.name: getattr(c, f.name) for c in configs for f in dataclasses.fields(c)
+                  if f.name in flags}
+        lines.append(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                             for k, v in values.items()))
+    return text + "\n\nPresets (the values of the flags left out):\n\n" + "\n\n".join(lines)
 
 
 def run_command(fn, args):
@@ -168,11 +225,16 @@ def planned_batch_size(args: RunArgs, presets: Mapping[str, tuple], fallback: st
     return presets[getattr(args, "preset", None) or fallback][1].batch_size
 
 
-def resumed_path(given: Optional[str], saved: Optional[str]) -> Optional[str]:
-    """A path flag's value: as given, else the resumed run's saved one (None: unset),
-    made absolute so that a resume from another working directory finds it too."""
+def resumed_path(given: Optional[str], saved: Optional[str],
+                 env: Optional[str] = None) -> Optional[str]:
+    """A path flag's value: as given, else the resumed run's saved one, else the
+    environment variable ``env`` when set (None: unset), made absolute and normalised so
+    that ``config.json`` records where the data came from and a resume from another working
+    directory finds it too."""
     path = given if given is not None else saved
-    return None if path is None else str(pathlib.Path(path).expanduser().absolute())
+    if path is None and env is not None:
+        path = os.environ.get(env) or None
+    return None if path is None else str(pathlib.Path(path).expanduser().resolve())
 
 
 def default_preset_for(cpu: str, accelerator: str) -> Callable[[], str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional
 
 ParallelEngine = Literal["pmap", "sharding", "none"]
@@ -65,6 +66,14 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("learning_rate", "min_lr", "weight_decay", "beta1", "beta2", "eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip)
+                                               and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be a finite number >= 0 or None, got "
+                             f"{self.grad_clip!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.lr_schedule not in ("constant", "cosine"):
