@@ -146,10 +146,11 @@ def save_loss_curves(path, runs: dict, title: str = "") -> pathlib.Path:
     handles, labels = ax.get_legend_handles_labels()
     if lr_ax is not None:
         lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
         h2, l2 = lr_ax.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:
-        ax.legend(handles, labels, fontsize=7, loc="upper right")
+        ax.legend(handles, labels, fontsize=7, loc="best")
     if title:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

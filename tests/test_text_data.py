@@ -70,17 +70,28 @@ def test_text_file_errors(tmp_path):
         T.read_text_file(bad)
 
 
-def test_offline_without_data_dir_prepares_the_embedded_copy(tmp_path, monkeypatch):
-    monkeypatch.delenv(T.DATA_DIR_ENV, raising=False)
-    monkeypatch.setenv("GENJAX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(T, "network_reachable", lambda *a, **k: False)
-    messages = []
-    train, val = T.load_tiny_shakespeare(tfds_data_dir=tmp_path / "tfds", log=messages.append)
-    assert (len(train), len(val)) == (1_003_854, 111_540)  # TFDS's splits, as downloaded
-    assert len(messages) == 1 and "from the copy embedded in genjax" in messages[0]
+def test_offline_without_data_dir_prepares_the_embedded_copy(tmp_path):
+    # In its own process, as a first run would: one line, no TFDS bars, absl warnings or
+    # TensorFlow start-up notices.
+    code = ("import genjax.data.text as T; T.network_reachable = lambda *a, **k: False; "
+            f"tr, va = T.load_tiny_shakespeare(tfds_data_dir={str(tmp_path / 'tfds')!r}); "
+            "print(len(tr), len(va))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "GENJAX_DATA_DIR": "",
+                                          "GENJAX_CACHE_DIR": str(tmp_path / "cache")})
+    assert out.stderr == ""
+    assert out.stdout.splitlines() == [
+        "preparing tiny_shakespeare once, from the copy embedded in genjax (no network, no "
+        f"--data-dir), in {tmp_path / 'tfds'}",
+        "1003854 111540"]  # TFDS's splits, as from the download
     copy = tmp_path / "cache" / "data" / "tinyshakespeare" / "input.txt"
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == embedded.SHAKESPEARE_SHA256
-    copy.write_text("damaged")  # a damaged copy is written again
+
+
+def test_a_damaged_decompressed_copy_is_written_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENJAX_CACHE_DIR", str(tmp_path))
+    copy = embedded.shakespeare_dir() / "input.txt"
+    copy.write_text("damaged")
     assert embedded.shakespeare_dir() == copy.parent
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == embedded.SHAKESPEARE_SHA256
 

@@ -157,10 +157,12 @@ def load_mnist(data_dir=None, tfds_data_dir=None, log: Callable[[str], None] = p
     if data_dir is not None:
         return load_mnist_idx(data_dir, log)
     tfds = import_tfds(with_tensorflow=False)
-    builder = tfds.builder("mnist", data_dir=tfds_data_dir)
-    if not builder.is_prepared() and importlib.util.find_spec("array_record") is not None:
-        builder = tfds.builder("mnist", data_dir=tfds_data_dir, file_format="array_record")
-    if not builder.is_prepared():
+    with quietly(tfds):
+        builder = tfds.builder("mnist", data_dir=tfds_data_dir)
+        if not builder.is_prepared() and importlib.util.find_spec("array_record") is not None:
+            builder = tfds.builder("mnist", data_dir=tfds_data_dir, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:
         if not network_reachable(_TFDS_HOST):
             log("mnist is not prepared and there is no network to download it: using the "
                 "MNIST test set embedded in genjax (--data-dir DIR or GENJAX_DATA_DIR "

@@ -159,12 +159,14 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None,
     # Prepared as ArrayRecord, the data set is read back with ``tfds.data_source``, which
     # needs no TensorFlow; only preparing it (once) imports TensorFlow. A copy prepared
     # earlier as TFRecord is read as it is, through tf.data.
-    builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir)
-    if not builder.is_prepared() and importlib.util.find_spec("array_record") is not None:
-        # (array_record, a TFDS dependency on Linux only: elsewhere TFRecord is kept)
-        builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir,
-                               file_format="array_record")
-    if not builder.is_prepared():
+    with quietly(tfds):
+        builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir)
+        if not builder.is_prepared() and importlib.util.find_spec("array_record") is not None:
+            # (array_record, a TFDS dependency on Linux only: elsewhere TFRecord is kept)
+            builder = tfds.builder("tiny_shakespeare", data_dir=tfds_data_dir,
+                                   file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:
         if manual is not None:
             source = f"{manual / 'input.txt'}"
         elif network_reachable(_SHAKESPEARE_HOST):

@@ -10,6 +10,8 @@ instead of 8.4 s on a 2-core machine).
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import socket
 
 
@@ -20,6 +22,7 @@ class DataUnavailableError(RuntimeError):
 def import_tfds(with_tensorflow: bool = True):
     """Import ``tensorflow_datasets``; with ``with_tensorflow``, import TensorFlow first
     and hide every GPU from it (TFDS itself imports TensorFlow lazily, on first use)."""
+    _quiet_tensorflow_start()  # (TFDS may import TensorFlow itself)
     if with_tensorflow:
         import_tensorflow()
     import tensorflow_datasets as tfds
@@ -28,11 +31,21 @@ def import_tfds(with_tensorflow: bool = True):
 
 
 def import_tensorflow():
-    """Import TensorFlow with every GPU hidden from it (JAX keeps the accelerators)."""
+    """Import TensorFlow with every GPU hidden from it (JAX keeps the accelerators), its
+    C++ informational logs off unless ``TF_CPP_MIN_LOG_LEVEL`` says otherwise."""
+    _quiet_tensorflow_start()
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
     return tf
+
+
+def _quiet_tensorflow_start() -> None:
+    """Unless set already: TensorFlow's C++ informational logs off, and its oneDNN
+    kernels too (TensorFlow only prepares and reads data sets here, no numerics; the oneDNN
+    notice is printed before any log setting applies)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def network_reachable(host: str, port: int = 443, timeout_s: float = 3.0) -> bool:
@@ -46,10 +59,10 @@ def network_reachable(host: str, port: int = 443, timeout_s: float = 3.0) -> boo
 
 @contextlib.contextmanager
 def quietly(tfds):
-    """Prepare a data set without TFDS's progress bars (their download speeds are
-    meaningless for a local file) and without absl's warnings (a missing
-    ``dataset_info.json`` of a data set not prepared yet): the caller says in one line what
-    is prepared from where."""
+    """Build or prepare a data set without TFDS's progress bars (their download speeds are
+    meaningless for a local file), its "Downloading and preparing" prints, absl's warnings
+    (a missing ``dataset_info.json`` of a data set not prepared yet) or TensorFlow's C++
+    start-up notices: the caller says in one line what is prepared from where."""
     from absl import logging as absl_logging
     from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -57,7 +70,8 @@ def quietly(tfds):
     absl_logging.set_verbosity(absl_logging.ERROR)
     tfds.disable_progress_bar()
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         absl_logging.set_verbosity(verbosity)
         tfds.display_progress_bar(bars)
