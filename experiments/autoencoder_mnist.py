@@ -91,7 +91,8 @@ def run(args: Args):
               "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": full.source, "data_dir": data_dir,
               "anomaly_digit": anomaly_digit}
-    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True)
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True,
+                 tensorboard=args.tensorboard)
     final_figures(model_cfg, result, data, scores, anomaly_digit)
     if result.history:  # (a resume with nothing to train evaluates nothing)
         last = result.history[-1]

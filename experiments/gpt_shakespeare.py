@@ -167,7 +167,8 @@ def train(args: Train):
               "train": dataclasses.asdict(train_cfg),
               "data": data_flags, "max_new_tokens": max_new_tokens,
               "n_params": n_params, "vocab": data.tokenizer.chars}
-    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True)
+    result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True,
+                 tensorboard=args.tensorboard)
 
     # sample
     params = result.engine.to_single_device(result.state.params)

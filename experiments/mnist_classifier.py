@@ -87,7 +87,7 @@ def run(args: Args) -> dict:
                      "train": dataclasses.asdict(train_cfg), "data": data.source,
                      "data_dir": data_dir}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=config_record,
-                 plot=True)
+                 plot=True, tensorboard=args.tensorboard)
     record = finish(model_cfg, result, data)
     say(f"held-out accuracy {record['accuracy']:.2%} over {record['heldout_images']:,} images; "
         + (f"real images' figures ({record['real']['n_samples']:,} training images against "

@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import json
 import math
 
@@ -248,3 +249,15 @@ def test_a_long_run_says_how_long_after_its_first_steps(tmp_path, play_text, mon
         log=messages.append)
     (line,) = [m for m in messages if m.startswith("warning: about")]
     assert "s per step here: the 5 steps left take about" in line
+
+
+def test_tensorboard_event_files(tmp_path, play_text, monkeypatch):
+    task, _, _ = tiny_gpt_task(play_text)
+    if importlib.util.find_spec("tensorboardX") is not None:
+        fit(task, tiny_train_config(), tmp_path / "run", progress=False, tensorboard=True)
+        (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+        assert events.stat().st_size > 100
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="--tensorboard needs tensorboardX: pip install"):
+        fit(task, tiny_train_config(), tmp_path / "r2", progress=False, tensorboard=True)
+    assert not (tmp_path / "r2").exists()

@@ -172,6 +172,9 @@ class RunArgs:
     """Folder of JAX's persistent compilation cache, so that later runs of the same
     programs skip compiling them (default: $GENJAX_COMPILE_CACHE, else
     ~/.cache/genjax/xla); 'none' turns it off."""
+    tensorboard: bool = False
+    """Also write each evaluation's figures as TensorBoard event files in
+    RUN_DIR/tensorboard (needs the tensorboard extra: pip install 'genjax[tensorboard]')."""
 
 
 def _record_order(path: pathlib.Path) -> tuple:

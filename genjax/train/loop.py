@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -422,7 +423,7 @@ def evaluate(task: Task, engine: Engine, eval_step, variables, key: jax.Array,
 
 def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         config_record: Optional[dict] = None, log: Optional[Callable[[str], None]] = None,
-        progress: bool = True, plot: bool = False) -> FitResult:
+        progress: bool = True, plot: bool = False, tensorboard: bool = False) -> FitResult:
     """Train ``task`` under ``cfg`` in ``run_dir``: the shared loop of every experiment.
 
     Evaluates at step 0 (a new run), every ``eval_interval`` steps and at ``max_iters``;
@@ -434,9 +435,12 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     beside it as ``config.resume-<step>.json`` on resumption. With ``plot``, each evaluation
     also redraws ``loss.png`` (:func:`genjax.viz.save_loss_curves`; the experiments turn it
     on). ``progress``: a bar on a terminal, plain lines otherwise (:class:`_Progress`).
+    ``tensorboard``: each record's numbers also go to TensorBoard event files in
+    ``RUN_DIR/tensorboard`` (``tensorboardX``'s writer, which does not import TensorFlow).
 
     Raises:
-      ValueError: devices and batch that do not fit (before compilation).
+      ValueError: devices and batch that do not fit (before compilation); ``tensorboard``
+        without ``tensorboardX`` installed.
       FileExistsError / FileNotFoundError: see :func:`check_run_dir` (nothing is touched).
       CheckpointError: the checkpoint's model config or other ``task.meta`` entry (the
         GPT's vocabulary) differs, or no checkpoint is readable.
@@ -447,12 +451,14 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     """
     with _sigint_requests_stop() as sigint:
         return _fit(task, cfg, run_dir, resume=resume, config_record=config_record, log=log,
-                    progress=progress, plot=plot, sigint=sigint)
+                    progress=progress, plot=plot, tensorboard=tensorboard, sigint=sigint)
 
 
-def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot,
+def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tensorboard,
          sigint) -> FitResult:
     log = log or (lambda s: tqdm.write(s) if is_main_process() else None)
+    if tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError("--tensorboard needs tensorboardX: pip install 'genjax[tensorboard]'")
     t_start = time.perf_counter()
     engine = make_engine(cfg.parallel, cfg.devices, cfg.batch_size)
     check_run_dir(run_dir, resume)
@@ -529,6 +535,8 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot,
         timer["mark"], timer["pending"] = now, 0
         return timer["steps"] * items_per_step / max(timer["seconds"], 1e-9)
 
+    board: dict = {}  # the TensorBoard writer, opened at the first evaluation
+
     def do_eval(step: int, last_metrics) -> None:
         record = {"step": step}
         record.update(run_eval(state.variables, jax.random.fold_in(keys["eval"], step)))
@@ -548,6 +556,15 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot,
                 f.write(json.dumps(record) + "\n")
             if plot:
                 _plot_losses(run_dir, task.name)
+            if tensorboard:
+                if "writer" not in board:
+                    from tensorboardX import SummaryWriter
+
+                    board["writer"] = SummaryWriter(str(run_dir / "tensorboard"))
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        board["writer"].add_scalar(k, v, step)
+                board["writer"].flush()
         shown = {k: v for k, v in record.items()
                  if k.endswith("_loss") and not k.startswith("batch_")}
         log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
@@ -634,5 +651,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot,
     finally:
         bar.close()
         ckpt.close()
+        if "writer" in board:
+            board["writer"].close()
     return FitResult(state=state, history=history, engine=engine, keys=keys, run_dir=run_dir,
                      start_step=step0)
