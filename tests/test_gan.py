@@ -290,7 +290,7 @@ def test_gan_experiment_end_to_end(digits_dir, digits_classifier, tmp_path, caps
         assert 1.0 <= r["inception_score"] <= 10.0 and 1 <= r["classes_covered"] <= 10
     assert records[0]["test_g_loss"] == pytest.approx(math.log(2), abs=0.05)  # D starts near 0
     assert {"batch_d_loss", "batch_g_loss", "images_per_s"} <= set(records[-1])
-    for name in ("samples-0.png", "samples-4.png", "real-vs-generated.png"):
+    for name in ("samples-0.png", "samples-4.png", "real-vs-generated.png", "loss.png"):
         assert (run / name).stat().st_size > 1000, name
     assert "Frechet distance" in capsys.readouterr().out
     step, state, meta = load_latest(run)

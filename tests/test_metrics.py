@@ -113,6 +113,7 @@ def test_trained_classifier_round_trip(digits_dir, digits_classifier, capsys):
     record = json.loads((digits_classifier / "classifier.json").read_text())
     assert classifier.accuracy == record["accuracy"] >= 0.9
     assert record["heldout_images"] == 20 and record["split_name"] == "mnist-test-split"
+    assert (digits_classifier / "loss.png").stat().st_size > 5000  # as every experiment's run
     assert set(record["real"]) == {"n_samples", "frechet_distance", "inception_score",
                                    "classes_covered", "class_entropy"}
     features, probs = classifier.outputs(np.zeros((3, 28, 28, 1), np.float32))
