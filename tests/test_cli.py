@@ -239,7 +239,9 @@ def test_compile_cache_flag(tmp_path, monkeypatch):
     from genjax.train.cli import enable_compile_cache
 
     configured = jax.config.jax_compilation_cache_dir  # the tests' own cache (conftest)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # JAX's default
         assert enable_compile_cache(None) == pathlib.Path(configured)  # kept, not replaced
         assert enable_compile_cache("none") is None
         assert jax.config.jax_compilation_cache_dir is None
@@ -247,8 +249,11 @@ def test_compile_cache_flag(tmp_path, monkeypatch):
         assert enable_compile_cache(None) == tmp_path / "env"
         assert enable_compile_cache(str(tmp_path / "flag")) == tmp_path / "flag"
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
+        # the sampling loop (0.9 s to build) is cached too
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.25
     finally:
         jax.config.update("jax_compilation_cache_dir", configured)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
 
 
 def test_resume_past_a_checkpoint_with_lost_files_is_quiet(tmp_path, text_file):
