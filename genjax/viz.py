@@ -112,17 +112,20 @@ def loss_series(records) -> dict:
 
 def save_loss_curves(path, runs: dict, title: str = "") -> pathlib.Path:
     """Save the loss figures of one or more runs against the step, the learning rate on a
-    second axis (dotted).
+    second axis (dotted). Draws without pyplot, so it may run on any thread.
 
     Args:
       path: the PNG file to write.
       runs: ``{label: records}``, each the list of a run's ``metrics.jsonl`` records.
       title: the figure's title.
     """
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: safe on the loop's drawing thread
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     lr_ax = None
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
     names: list = []
     for i, (label, records) in enumerate(runs.items()):
@@ -155,6 +158,5 @@ def save_loss_curves(path, runs: dict, title: str = "") -> pathlib.Path:
         ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    fig.savefig(path, dpi=90, format="png")
     return pathlib.Path(path)

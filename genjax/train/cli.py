@@ -290,8 +290,9 @@ def resolve_configs(args: RunArgs, presets: Mapping[str, tuple], default_preset:
             train = dataclass_from_record(like_train, saved["train"])
         except (TypeError, ValueError) as e:
             raise ValueError(f"--resume: the saved config of {args.run_dir} does not fit this "
-                             f"version of the experiment ({e}); resume with a matching "
-                             "genjax, or start a new --run-dir") from e
+                             f"experiment ({e}): it is a run of another experiment or of "
+                             "another genjax version; resume it with the one that wrote it, "
+                             "or start a new --run-dir") from e
         if args.seed is not None and args.seed != train.seed:
             raise ValueError(f"--seed {args.seed}: a resumed run continues with the random "
                              f"keys saved in its checkpoint (seed {train.seed}); drop --seed")
@@ -424,7 +425,7 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     ``--devices``, else one per core), the persistent compilation cache
     (:func:`enable_compile_cache`), and with ``check`` the run directory's check
     (:func:`genjax.train.loop.check_run_dir`, before any data is loaded; :func:`fit` checks
-    again); returns the run directory.
+    again); returns the run directory, absolute and normalised (messages name it so).
 
     Raises:
       ValueError: ``--distributed`` or ``--resume`` without ``--run-dir``.
@@ -438,7 +439,8 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
 
     if args.resume and args.run_dir is None:
         raise ValueError("--resume needs --run-dir DIR, the directory of the run to continue")
-    check_experiment(args.run_dir if args.resume else None, experiment)
+    given = pathlib.Path(args.run_dir).expanduser().resolve() if args.run_dir else None
+    check_experiment(given if args.resume else None, experiment)
     if args.devices is not None and args.devices >= 1 and batch_size % args.devices:
         raise ValueError(f"--devices {args.devices}: the global batch {batch_size} is not "
                          f"divisible by {args.devices} devices; choose a batch that is a "
@@ -450,7 +452,7 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     host_devices = args.host_devices if args.host_devices is not None else args.devices
     split_host_into_devices(batch_size, host_devices)
     enable_compile_cache(args.compile_cache)
-    run_dir = pathlib.Path(args.run_dir or f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = given or pathlib.Path(f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if check:
         check_run_dir(run_dir, args.resume)
     return run_dir

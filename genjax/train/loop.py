@@ -147,16 +147,48 @@ class Task:
 LONG_RUN_S = 3600.0  # a run estimated to need longer says so after its first steps
 
 
-def _plot_losses(run_dir: pathlib.Path, name: str) -> None:
-    """``RUN_DIR/loss.png``: the run's loss figures in ``metrics.jsonl`` (a resumed run's
-    earlier records included) against the step, the learning rate on a second axis."""
-    from genjax.viz import save_loss_curves
+class _LossPlot:
+    """``RUN_DIR/loss.png``: the run's loss figures (a resumed run's earlier records in
+    ``metrics.jsonl`` included) against the step, the learning rate on a second axis,
+    redrawn after each evaluation on one background thread, so that drawing overlaps
+    training (or the first step's compilation) instead of pausing it."""
 
-    records = [json.loads(line) for line in
-               (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    tmp = run_dir / "loss.png.tmp.png"
-    save_loss_curves(tmp, {name: records}, title=f"{name}: {run_dir.name}")
-    os.replace(tmp, run_dir / "loss.png")  # never a half-written picture
+    def __init__(self, run_dir: pathlib.Path, name: str, enabled: bool):
+        import concurrent.futures
+
+        self.run_dir, self.name, self.records = run_dir, name, []
+        self.pool = concurrent.futures.ThreadPoolExecutor(1) if enabled else None
+        self.pending = None
+        path = run_dir / "metrics.jsonl"
+        if enabled and path.is_file():  # a resumed run's records so far
+            self.records = [json.loads(line) for line in path.read_text().splitlines()
+                            if line.strip()]
+
+    def add(self, record: dict) -> None:
+        if self.pool is None:
+            return
+        self.records.append(record)
+        self.wait()
+        self.pending = self.pool.submit(self._draw, list(self.records))
+
+    def _draw(self, records) -> None:
+        from genjax.viz import save_loss_curves
+
+        tmp = self.run_dir / "loss.png.tmp.png"
+        save_loss_curves(tmp, {self.name: records}, title=f"{self.name}: {self.run_dir.name}")
+        os.replace(tmp, self.run_dir / "loss.png")  # never a half-written picture
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # (a drawing error surfaces here)
+            self.pending = None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            try:
+                self.wait()
+            finally:
+                self.pool.shutdown()
 
 
 class _Progress:
@@ -244,10 +276,16 @@ def _sigint_requests_stop():
 
 
 def _all_finite(tree) -> bool:
-    """Whether every floating-point leaf of ``tree`` is finite (one device reduction)."""
+    """Whether every floating-point leaf of ``tree`` is finite (one compiled reduction,
+    one device round trip)."""
+    return bool(_all_finite_jit(tree))
+
+
+@jax.jit
+def _all_finite_jit(tree):
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
               if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 @dataclasses.dataclass
@@ -522,6 +560,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     metrics_path = run_dir / "metrics.jsonl"
     if resume and is_main_process():
         _set_aside_records_after(metrics_path, step0, log)
+    loss_plot = _LossPlot(run_dir, task.name, plot and is_main_process())
     history: list = []
     items_per_step = cfg.batch_size * task.items_per_example
     rate_key = f"{task.item_name}_per_s"
@@ -554,8 +593,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         if is_main_process():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            if plot:
-                _plot_losses(run_dir, task.name)
+            loss_plot.add(record)
             if tensorboard:
                 if "writer" not in board:
                     from tensorboardX import SummaryWriter
@@ -651,6 +689,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     finally:
         bar.close()
         ckpt.close()
+        loss_plot.close()
         if "writer" in board:
             board["writer"].close()
     return FitResult(state=state, history=history, engine=engine, keys=keys, run_dir=run_dir,
