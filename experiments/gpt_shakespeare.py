@@ -174,7 +174,9 @@ def train(args: Train):
     params = result.engine.to_single_device(result.state.params)
     step = int(result.state.step)
     key = jax.random.fold_in(result.engine.to_single_device(result.keys["init"]), step)
-    text = sample_text(model_cfg, data.tokenizer, params, "", max_new_tokens, key)
+    # in float32 whatever the run's dtype, as the sample command: the same key, the same text
+    text = sample_text(dataclasses.replace(model_cfg, dtype="float32"), data.tokenizer, params,
+                       "", max_new_tokens, key)
     if is_main_process():
         if step > result.start_step:  # a resume with nothing to train adds no entry
             with open(run_dir / "samples.txt", "a") as f:

@@ -25,7 +25,7 @@ class Args:
 
     run_dirs: Annotated[tuple[str, ...], tyro.conf.Positional, tyro.conf.arg(metavar="RUN_DIR")]
     """Run directories (each holds metrics.jsonl)."""
-    out: str = "loss-comparison.png"
+    out: Annotated[str, tyro.conf.arg(metavar="PATH")] = "loss-comparison.png"
     """The PNG file to write."""
 
 
@@ -54,6 +54,9 @@ def main(argv=None) -> pathlib.Path:
     from genjax.viz import save_loss_curves
 
     args = tyro.cli(Args, args=argv, prog="python -m genjax.plot")
+    if not args.run_dirs:
+        raise SystemExit("error: give at least one RUN_DIR (a run directory holding "
+                         "metrics.jsonl): python -m genjax.plot RUN_DIR [RUN_DIR ...]")
     try:
         runs = {}
         for d in args.run_dirs:

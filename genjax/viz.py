@@ -111,8 +111,9 @@ def loss_series(records) -> dict:
 
 
 def save_loss_curves(path, runs: dict, title: str = "") -> pathlib.Path:
-    """Save the loss figures of one or more runs against the step, the learning rate on a
-    second axis (dotted). Draws without pyplot, so it may run on any thread.
+    """Save the loss figures of one or more runs against the step, the learning rate
+    recorded at each evaluation on a second axis (crosses: the schedule between them is not
+    drawn). Draws without pyplot, so it may run on any thread.
 
     Args:
       path: the PNG file to write.
@@ -143,7 +144,8 @@ def save_loss_curves(path, runs: dict, title: str = "") -> pathlib.Path:
         if "lr" in series:
             lr_ax = lr_ax or ax.twinx()
             lr_ax.plot(*series["lr"], color=colours[i % len(colours)] if len(runs) > 1
-                       else "0.5", linestyle=":", label=prefix + "learning rate")
+                       else "0.5", linestyle="none", marker="x", markersize=4,
+                       label=prefix + "learning rate at evaluations")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     handles, labels = ax.get_legend_handles_labels()

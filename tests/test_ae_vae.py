@@ -205,6 +205,14 @@ def test_image_experiments_end_to_end(experiment, tmp_path):
         assert resumed["train"] == {**config["train"], "max_iters": 6, "lr_decay_iters": 6}
         assert resumed["anomaly_digit"] == config["anomaly_digit"] == 3
         assert resumed["data_dir"] == config["data_dir"] == str(tmp_path / "data")
+        # the same run on other data (the full 60,000/10,000 split, not the test set's own
+        # 9,000/1,000): refused, its held-out images would include ones it trained on
+        fake_mnist(tmp_path / "full" / "mnist", n_test=30, n_train=40)
+        with pytest.raises(SystemExit, match="the checkpoint's split differs from this run's "
+                                             "\\(checkpoint 'mnist-test-split' vs this run "
+                                             "'mnist'\\)"):
+            exp.main(["--run-dir", str(run), "--resume", "--max-iters", "8", "--data-dir",
+                      str(tmp_path / "full"), "--batch-size", "8"])
     with pytest.raises(SystemExit, match="latent_dim must be a positive integer"):
         exp.main(flags[:-2] + ["--latent-dim", "0", "--run-dir", str(tmp_path / "r2")])
     # another experiment's commands on this run: one line naming the one that wrote it

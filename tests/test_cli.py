@@ -229,6 +229,10 @@ def test_unknown_flags_and_demo_help(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "worked through with printed matrices" in out and "input (2x2)" not in out
+    from genjax.train.cli import _refuse_unknown_flags  # as tyro reads them:
+
+    _refuse_unknown_flags(exp.Train, ["--max_iters", "3", "--no_resume", "--data-dir=x"], "p")
+    _refuse_unknown_flags(exp.Sample, ["--prompt", "--- ACT I ---", "--run-dir", "d"], "p")
     with pytest.raises(SystemExit, match="learning_rate must be a finite number, got nan"):
         exp.main(["--learning-rate", "nan", "--run-dir", "/nonexistent/never"])
 
@@ -341,6 +345,8 @@ def test_short_runs_scale_the_presets_warmup(capsys):
     assert (train.warmup_iters, train.lr_decay_iters) == (2, 50)  # 100/2000 of the run
     assert "--max-iters 50 is within the preset's 100-step warm-up: warming up for 2 steps" \
         in capsys.readouterr().out
+    _, _, train, _, _ = exp.resolve(exp.Train(preset="cpu", max_iters=10))
+    assert train.warmup_iters == 0 and "warm-up: no warm-up instead" in capsys.readouterr().out
     _, _, train, _, _ = exp.resolve(exp.Train(preset="cpu", max_iters=500))
     assert train.warmup_iters == 100  # it fits: unchanged
     with pytest.raises(ValueError, match="--warmup-iters 60 must be below --max-iters 50"):
@@ -402,6 +408,9 @@ def test_plot_overlays_runs(tmp_path, capsys):
     assert out.stat().st_size > 5000
     with pytest.raises(SystemExit, match="error: .*nowhere: no metrics.jsonl"):
         plot.main([str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="error: give at least one RUN_DIR"):
+        plot.main(["--out", str(tmp_path / "d.png")])
+    assert not (tmp_path / "d.png").exists()
 
 
 def test_the_data_folder_from_the_environment_is_recorded(tmp_path, monkeypatch):

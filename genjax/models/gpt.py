@@ -13,10 +13,11 @@ Dense/Embed weights drawn from normal(0, 0.02), zero biases.
 
 Two ways to compute the same attention from the same parameters (``GPT(config,
 attention=...)``): ``heads``, the lecture's heads as one batched computation, and ``fused``,
-one q/k/v product and ``jax.nn.dot_product_attention`` (cuDNN's fused kernel on a GPU where
-it applies); ``auto`` picks per backend (``heads`` on the CPU, where XLA runs it faster).
+one q/k/v product and ``jax.nn.dot_product_attention`` (cuDNN's fused kernel on a GPU in
+bfloat16, else XLA's); ``auto`` picks per backend (``heads`` on the CPU, where XLA runs it faster).
 ``GPTConfig.dtype`` ``bfloat16`` is mixed precision: float32 parameters and residual
-stream, bfloat16 products, float32 LayerNorm statistics, softmax and logits.
+stream, bfloat16 products in the blocks, float32 LayerNorm statistics, softmax and
+``lm_head`` (the logits).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class MultiHeadAttention(nn.Module):
 
     ``attention="fused"`` computes the same from the same parameters: one (C, 3HD) product
     for q, k and v of all heads, then ``jax.nn.dot_product_attention(is_causal=True)``
-    (its implementation chosen by JAX per backend; softmax in float32), or with dropout
+    (cuDNN's kernel on a GPU in bfloat16, else XLA's: :func:`_fused_attention`), or with dropout
     active the explicit softmax with one dropout draw for all heads (the masks differ from
     ``heads``', their distribution does not). Input (B, T, C) -> output (B, T, C) in ``dtype``.
     """
@@ -218,12 +219,26 @@ class MultiHeadAttention(nn.Module):
         qkv = x.astype(self.dtype) @ w.astype(self.dtype)                # (B, T, 3HD)
         q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 1, 3, 4)    # 3 x (B, T, H, D)
         if deterministic or self.dropout == 0:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, H, D)
+            return _fused_attention(q, k, v)                              # (B, T, H, D)
         wei = jnp.einsum("bthd,bshd->bhts", q, k) * D ** -0.5            # (B, H, T, T)
         tril = jnp.tril(jnp.ones((T, T), dtype=bool))
         wei = jax.nn.softmax(jnp.where(tril, wei.astype(jnp.float32), -jnp.inf), axis=-1)
         wei = nn.Dropout(self.dropout)(wei, deterministic=False)
         return jnp.einsum("bhts,bshd->bthd", wei.astype(self.dtype), v)  # (B, T, H, D)
+
+
+def _fused_attention(q, k, v):
+    """Causal ``jax.nn.dot_product_attention`` of (B, T, H, D) q, k, v: cuDNN's fused
+    kernel on a GPU for bfloat16/float16 with a head size it takes (a multiple of 8, at most
+    128), else XLA's (JAX itself picks XLA when no implementation is named)."""
+    D = q.shape[-1]
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) \
+            and D % 8 == 0 and D <= 128:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):  # no usable cuDNN here
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
 class FeedForward(nn.Module):
@@ -292,8 +307,8 @@ class GPT(nn.Module):
         for i in range(cfg.n_layer):
             x = Block(cfg, attention, name=f"blocks_{i}")(x, deterministic)        # (B, T, C)
         x = nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.compute_dtype, name="ln_f")(x)  # (B, T, C)
-        logits = nn.Dense(cfg.vocab_size, kernel_init=_weight_init, dtype=cfg.compute_dtype,
-                          name="lm_head")(x)                                       # (B, T, V)
+        logits = nn.Dense(cfg.vocab_size, kernel_init=_weight_init, dtype=jnp.float32,
+                          name="lm_head")(x)                # (B, T, V), float32 in any dtype
         return logits.astype(jnp.float32)
 
     def init_params(self, key: jax.Array):

@@ -72,7 +72,8 @@ def make_task(config: AEConfig, data: ImageData, batch_size: int, run_dir,
         name="autoencoder",
         init_params=lambda key: model.init({"params": key}, jnp.zeros((1, 28, 28, 1)))["params"],
         loss_fn=make_loss_fn(model), train_batch=train_batch, eval_batches=eval_batches,
-        eval_splits=("test",), meta={"family": "autoencoder", "model": dataclasses.asdict(config)},
+        eval_splits=("test",), meta={"family": "autoencoder", "model": dataclasses.asdict(config),
+              "split": data.split_name},
         items_per_example=1, item_name="images",
         report=make_report(model, data, run_dir, anomaly_digit, scores))
     return task, scores

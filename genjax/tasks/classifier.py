@@ -48,7 +48,8 @@ def make_task(config: ClassifierConfig, data: ImageData, batch_size: int) -> Tas
         name="mnist_classifier", init_params=lambda key: init_params(config, key),
         loss_fn=make_loss_fn(MNISTClassifier(config)), train_batch=train_batch,
         eval_batches=eval_batches, eval_splits=("test",),
-        meta={"family": mnist_metrics.FAMILY, "model": dataclasses.asdict(config)},
+        meta={"family": mnist_metrics.FAMILY, "model": dataclasses.asdict(config),
+              "split": data.split_name},
         items_per_example=1, item_name="images", report=report)
 
 

@@ -157,7 +157,8 @@ def make_task(config: GANConfig, data: ImageData, batch_size: int, run_dir,
         updates=make_updates(config), evaluation=make_evaluation(config),
         train_batch=train_batch, eval_batches=eval_batches, eval_splits=("test",),
         # The architecture must match on resume; the loss options may change.
-        meta={"family": "gan", "model": {name: getattr(config, name) for name in ARCHITECTURE}},
+        meta={"family": "gan", "model": {name: getattr(config, name) for name in ARCHITECTURE},
+              "split": data.split_name},
         # images_per_s counts the real images the discriminator sees: d_steps per example
         items_per_example=config.d_steps, item_name="images",
         report=make_report(config, run_dir, quality, n_samples))

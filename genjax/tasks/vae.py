@@ -105,7 +105,8 @@ def make_task(config: VAEConfig, data: ImageData, batch_size: int, run_dir, iwae
         name="vae",
         init_params=lambda key: model.init({"params": key}, x0, jax.random.PRNGKey(0))["params"],
         loss_fn=loss_fn, evaluation=loss_only, train_batch=train_batch, eval_batches=eval_batches,
-        eval_splits=("test",), meta={"family": "vae", "model": dataclasses.asdict(config)},
+        eval_splits=("test",), meta={"family": "vae", "model": dataclasses.asdict(config),
+                                         "split": data.split_name},
         items_per_example=1, item_name="images",
         report=make_report(model, data, run_dir, iwae_k, max_iters, quality, n_samples))
 

@@ -59,17 +59,32 @@ def parse_args(cls: type, argv: Optional[Sequence[str]] = None, prog: Optional[s
 
 
 def _refuse_unknown_flags(cls: type, argv: Sequence[str], command: str) -> None:
-    known = {"-h", "--help"}
+    """One line for a flag that ``cls`` does not have (tyro's own hint names the program
+    wrongly when it holds spaces). Flags are matched as tyro matches them (``_`` or ``-``,
+    ``--no-`` for booleans, ``--flag=value``); the token after a flag that takes a value
+    is that value, whatever it looks like."""
+    known = {"--help": False, "-h": False}  # flag -> whether it takes a value
     for field in dataclasses.fields(cls):
-        flag = field.name.replace("_", "-")
-        known |= {f"--{flag}", f"--no-{flag}"}
+        flag = "--" + field.name.replace("_", "-")
+        boolean = field.type in (bool, "bool")
+        known[flag] = not boolean
+        if boolean:
+            known["--no-" + flag[2:]] = False
+    skip = False
     for token in argv:
-        flag = token.split("=", 1)[0]
-        if flag.startswith("--") and flag not in known:
-            close = difflib.get_close_matches(flag, sorted(known - {"-h"}), n=1, cutoff=0.6)
+        if skip:
+            skip = False
+            continue
+        if not token.startswith("--"):
+            continue
+        flag, _, value = token.partition("=")
+        flag = "--" + flag[2:].replace("_", "-")
+        if flag not in known:
+            close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.6)
             print(f"error: unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
                   + f" All flags: {command} --help", file=sys.stderr)
             raise SystemExit(2)
+        skip = known[flag] and not value
 
 
 def _description(cls: type, presets: Optional[Mapping[str, tuple]]) -> str:
@@ -81,7 +96,7 @@ def _description(cls: type, presets: Optional[Mapping[str, tuple]]) -> str:
     lines = []
     for name, configs in presets.items():
         values = {f.name: getattr(c, f.name) for c in configs for f in dataclasses.fields(c)
-                  if f.name in flags}
+                  if f.name in flags and getattr(c, f.name) is not None}
         lines.append(f"{name}: " + ", ".join(f"--{k.replace('_', '-')} {v}"
                                              for k, v in values.items()))
     return text + "\n\nPresets (the values of the flags left out):\n\n" + "\n\n".join(lines)
@@ -373,7 +388,9 @@ def schedule_over_run(train, args: Optional[RunArgs] = None, base=None):
             else 0.05
         warmup = min(int(share * train.max_iters), train.max_iters - 1)
         say(f"--max-iters {train.max_iters} is within the preset's {train.warmup_iters}-step "
-            f"warm-up: warming up for {warmup} steps instead (the same share of the run)")
+            + (f"warm-up: warming up for {warmup} steps instead (the same share of the run)"
+               if warmup else "warm-up: no warm-up instead (its share of the run is under a "
+               "step)"))
         train = dataclasses.replace(train, warmup_iters=warmup)
     return dataclasses.replace(train, lr_decay_iters=train.max_iters)
 

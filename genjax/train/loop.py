@@ -144,6 +144,8 @@ class Task:
         return tx, schedule
 
 
+NO_RESUME = (" (nothing to resume there: start again with another --run-dir, or delete its "
+             "config.json and metrics.jsonl)")
 LONG_RUN_S = 3600.0  # a run estimated to need longer says so after its first steps
 
 
@@ -153,16 +155,21 @@ class _LossPlot:
     redrawn after each evaluation on one background thread, so that drawing overlaps
     training (or the first step's compilation) instead of pausing it."""
 
-    def __init__(self, run_dir: pathlib.Path, name: str, enabled: bool):
+    def __init__(self, run_dir: pathlib.Path, name: str, enabled: bool, log):
         import concurrent.futures
 
-        self.run_dir, self.name, self.records = run_dir, name, []
+        self.run_dir, self.name, self.records, self.log = run_dir, name, [], log
         self.pool = concurrent.futures.ThreadPoolExecutor(1) if enabled else None
         self.pending = None
         path = run_dir / "metrics.jsonl"
         if enabled and path.is_file():  # a resumed run's records so far
-            self.records = [json.loads(line) for line in path.read_text().splitlines()
-                            if line.strip()]
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a killed run: not a record
+                    continue
+                if isinstance(record, dict) and "step" in record:
+                    self.records.append(record)
 
     def add(self, record: dict) -> None:
         if self.pool is None:
@@ -172,15 +179,19 @@ class _LossPlot:
         self.pending = self.pool.submit(self._draw, list(self.records))
 
     def _draw(self, records) -> None:
-        from genjax.viz import save_loss_curves
+        try:
+            from genjax.viz import save_loss_curves
 
-        tmp = self.run_dir / "loss.png.tmp.png"
-        save_loss_curves(tmp, {self.name: records}, title=f"{self.name}: {self.run_dir.name}")
-        os.replace(tmp, self.run_dir / "loss.png")  # never a half-written picture
+            tmp = self.run_dir / "loss.png.tmp.png"
+            save_loss_curves(tmp, {self.name: records},
+                             title=f"{self.name}: {self.run_dir.name}")
+            os.replace(tmp, self.run_dir / "loss.png")  # never a half-written picture
+        except Exception as e:  # a picture never stops a run
+            self.log(f"warning: loss.png not drawn ({type(e).__name__}: {e})")
 
     def wait(self) -> None:
         if self.pending is not None:
-            self.pending.result()  # (a drawing error surfaces here)
+            self.pending.result()
             self.pending = None
 
     def close(self) -> None:
@@ -266,7 +277,7 @@ def _sigint_requests_stop():
     def handler(signum, frame):
         if flag["requested"]:
             raise KeyboardInterrupt
-        flag["requested"] = True
+        flag["requested"] = True  # (said once, in fit's one line, when the loop stops)
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -370,6 +381,8 @@ def _model_meta_checker(expected: Mapping[str, Any]):
                 f"{expected['family']!r}: resume it with its own experiment, or start a new "
                 "--run-dir. Nothing was changed.")
         for name in sorted(set(expected) - {"model"}):
+            if name not in meta and name == "split":  # a checkpoint of an earlier genjax
+                continue
             if meta.get(name) != expected[name]:
                 raise CheckpointError(
                     f"the checkpoint's {name} differs from this run's (checkpoint "
@@ -560,7 +573,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     metrics_path = run_dir / "metrics.jsonl"
     if resume and is_main_process():
         _set_aside_records_after(metrics_path, step0, log)
-    loss_plot = _LossPlot(run_dir, task.name, plot and is_main_process())
+    loss_plot = _LossPlot(run_dir, task.name, plot and is_main_process(), log)
     history: list = []
     items_per_step = cfg.batch_size * task.items_per_example
     rate_key = f"{task.item_name}_per_s"
@@ -598,7 +611,9 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
                 if "writer" not in board:
                     from tensorboardX import SummaryWriter
 
-                    board["writer"] = SummaryWriter(str(run_dir / "tensorboard"))
+                    # (a resume drops the events of the steps after its checkpoint)
+                    board["writer"] = SummaryWriter(str(run_dir / "tensorboard"),
+                                                    purge_step=step0 + 1 if resume else None)
                 for k, v in record.items():
                     if k != "step" and isinstance(v, (int, float)):
                         board["writer"].add_scalar(k, v, step)
@@ -614,12 +629,11 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         return DivergedError(
             f"the run diverged: {what} at step {step}; "
             + (f"the last good checkpoint is step {steps[-1]} in {run_dir} (--resume with a "
-               "smaller --learning-rate)" if steps else f"no checkpoint was saved in {run_dir}")
+               "smaller --learning-rate)" if steps
+               else f"no checkpoint was saved in {run_dir}{NO_RESUME}")
             + ". Nothing non-finite was saved.")
 
-    def save(step: int) -> None:
-        if not _all_finite(state.params):
-            raise diverged(step, "the parameters are not finite")
+    def save(step: int) -> None:  # (the parameters were found finite just before)
         ckpt.save(step, {"train": _saved_form(state), "keys": keys}, dict(task.meta))
 
     def check_finite(step: int, metrics) -> None:
@@ -671,8 +685,10 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
             if at_eval or done % cfg.log_interval == 0:
                 losses = {k: float(v) for k, v in _losses(metrics).items()}  # waits for the device
                 bar.show(done, losses, measure())
-            if at_eval:
+            if at_eval:  # nothing non-finite is evaluated, recorded or saved
                 check_finite(done, metrics)
+                if not _all_finite(state.params):
+                    raise diverged(done, "the parameters are not finite")
                 do_eval(done, metrics)
                 save(done)
                 timer["mark"] = time.perf_counter()
@@ -684,13 +700,14 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         steps = saved_steps(run_dir)
         log(f"interrupted after step {done}; " + (
             f"the latest checkpoint is step {steps[-1]}: continue with --resume --run-dir "
-            f"{run_dir}" if steps else f"no checkpoint was saved in {run_dir}"))
+            f"{run_dir}" if steps else f"no checkpoint was saved in {run_dir}{NO_RESUME}"))
         raise RunInterrupted from None
     finally:
-        bar.close()
-        ckpt.close()
-        loss_plot.close()
-        if "writer" in board:
-            board["writer"].close()
+        with contextlib.ExitStack() as closing:  # each closed even if another fails
+            closing.callback(bar.close)
+            closing.callback(ckpt.close)
+            closing.callback(loss_plot.close)
+            if "writer" in board:
+                closing.callback(board["writer"].close)
     return FitResult(state=state, history=history, engine=engine, keys=keys, run_dir=run_dir,
                      start_step=step0)
