@@ -176,7 +176,15 @@ class RunArgs:
     already sets it."""
     distributed: bool = False
     """Multi-host: call jax.distributed.initialize() first (run the same command on every
-    host with the same --run-dir; each host loads only its share of every batch)."""
+    host with the same --run-dir; each host loads only its share of every batch). Alone it
+    takes the cluster's own detection (Cloud TPU, SLURM, Open MPI); elsewhere give
+    --coordinator-address, --num-processes and --process-id."""
+    coordinator_address: Annotated[Optional[str], own_default("HOST:PORT")] = None
+    """With --distributed: process 0's address, which every process reaches."""
+    num_processes: Annotated[Optional[int], own_default("N")] = None
+    """With --distributed: how many processes join the job."""
+    process_id: Annotated[Optional[int], own_default("I")] = None
+    """With --distributed: this process's index, 0 to N-1."""
     data_dir: Annotated[Optional[str], own_default("DIR")] = None
     """Offline data folder (default: $GENJAX_DATA_DIR; on --resume, the run's)."""
     run_dir: Annotated[Optional[str], own_default("DIR")] = None
@@ -261,6 +269,8 @@ def default_preset_for(cpu: str, accelerator: str) -> Callable[[], str]:
 
     return lambda: cpu if jax.default_backend() == "cpu" else accelerator
 
+
+DISTRIBUTED_TIMEOUT_S = 120  # processes that have not all joined by then: one error line
 
 ACCELERATOR_PRESETS = ("lecture", "gpu")  # every experiment's presets meant for GPUs / TPUs
 
@@ -462,10 +472,30 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
         raise ValueError(f"--devices {args.devices}: the global batch {batch_size} is not "
                          f"divisible by {args.devices} devices; choose a batch that is a "
                          f"multiple of {args.devices}, or another --devices")
+    explicit = {"coordinator_address": args.coordinator_address,
+                "num_processes": args.num_processes, "process_id": args.process_id}
+    joining = {k: v for k, v in explicit.items() if v is not None}
+    if joining and not args.distributed:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in joining)}: only with "
+                         "--distributed")
     if args.distributed:
         if args.run_dir is None:
             raise ValueError("--distributed needs an explicit --run-dir shared by every host")
-        jax.distributed.initialize()
+        if joining and len(joining) != 3:
+            raise ValueError("--distributed without the cluster's detection needs all of "
+                             "--coordinator-address, --num-processes and --process-id")
+        if joining and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+            raise ValueError(f"--process-id {args.process_id} must lie in [0, --num-processes "
+                             f"{args.num_processes})")
+        if (jax._src.xla_bridge._backends or {}):
+            raise ValueError("--distributed must come before JAX starts its backends")
+        try:
+            jax.distributed.initialize(**joining, initialization_timeout=DISTRIBUTED_TIMEOUT_S)
+        except Exception as e:  # (XLA's runtime errors: a timeout, an unreachable address)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--distributed: could not join the job within "
+                             f"{DISTRIBUTED_TIMEOUT_S} s ({first[:300]}); check "
+                             "--coordinator-address, --num-processes and --process-id") from e
     host_devices = args.host_devices if args.host_devices is not None else args.devices
     split_host_into_devices(batch_size, host_devices)
     enable_compile_cache(args.compile_cache)

@@ -286,6 +286,18 @@ def _sigint_requests_stop():
         signal.signal(signal.SIGINT, previous)
 
 
+def _one_job_arrays(tree):
+    """With several processes, the arrays a checkpoint of the whole job holds: a replicated
+    array that lives on this process's devices only (pmap's outputs) becomes the job's
+    global array (Orbax writes each once, for all processes)."""
+    if jax.process_count() == 1:
+        return tree
+    from orbax.checkpoint.utils import fully_replicated_host_local_array_to_global_array
+
+    return jax.tree.map(lambda x: fully_replicated_host_local_array_to_global_array(x)
+                        if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree)
+
+
 def _all_finite(tree) -> bool:
     """Whether every floating-point leaf of ``tree`` is finite (one compiled reduction,
     one device round trip)."""
@@ -634,7 +646,8 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
             + ". Nothing non-finite was saved.")
 
     def save(step: int) -> None:  # (the parameters were found finite just before)
-        ckpt.save(step, {"train": _saved_form(state), "keys": keys}, dict(task.meta))
+        ckpt.save(step, _one_job_arrays({"train": _saved_form(state), "keys": keys}),
+                  dict(task.meta))
 
     def check_finite(step: int, metrics) -> None:
         losses = {k: float(v) for k, v in jax.device_get(_losses(metrics)).items()}

@@ -102,8 +102,16 @@ class Engine:
         return jax.tree.map(put, local_batch)
 
     def to_single_device(self, tree):
-        """Copy a (replicated) pytree onto the first device, for sampling and reports."""
-        return jax.device_put(tree, self.devices[0])
+        """Copy a (replicated) pytree onto this process's first device, for sampling and
+        reports (with several processes, from this process's own copy of each array)."""
+        local = jax.local_devices()[0]
+
+        def one(x):
+            if isinstance(x, jax.Array) and not x.is_fully_addressable:
+                x = x.addressable_data(0)  # replicated: every process holds the whole value
+            return jax.device_put(x, local)
+
+        return jax.tree.map(one, tree)
 
     # -- compiling steps -------------------------------------------------------------
 
