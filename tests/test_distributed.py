@@ -3,9 +3,9 @@ explicit coordinates: the code a multi-host job runs."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -14,12 +14,6 @@ from experiments import gpt_shakespeare as exp
 TINY = ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--batch-size", "8",
         "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
         "--warmup-iters", "1", "--max-new-tokens", "20", "--compile-cache", "none"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _records(run):
@@ -31,20 +25,16 @@ def test_two_processes_equal_one(tmp_path, text_file, engine):
     env = {**os.environ, "XLA_FLAGS": "", "TQDM_DISABLE": "1"}
     base = [sys.executable, "-m", "experiments.gpt_shakespeare", "--text-file", str(text_file),
             *TINY, "--parallel", engine]
-    port = _free_port()
-    procs = [subprocess.Popen(base + ["--run-dir", str(tmp_path / "two"), "--host-devices", "2",
-                                      "--distributed", "--coordinator-address",
-                                      f"127.0.0.1:{port}", "--num-processes", "2",
-                                      "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
-             for i in range(2)]
+    launcher = subprocess.Popen(  # the two processes, through genjax.launch
+        [sys.executable, "-m", "genjax.launch", "--processes", "2", "--"] + base
+        + ["--run-dir", str(tmp_path / "two"), "--host-devices", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     one = subprocess.run(base + ["--run-dir", str(tmp_path / "one"), "--host-devices", "4"],
                          capture_output=True, text=True, env=env, timeout=300)
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    out = launcher.communicate(timeout=300)[0]
     assert one.returncode == 0, one.stdout + one.stderr
-    assert all(p.returncode == 0 for p in procs), outs
-    assert f"engine={engine} devices=4 (cpu) processes=2 global_batch=8" in outs[0]
+    assert launcher.returncode == 0, out
+    assert f"[0] gpt: engine={engine} devices=4 (cpu) processes=2 global_batch=8" in out
     two, single = _records(tmp_path / "two"), _records(tmp_path / "one")
     assert [r["step"] for r in two] == [r["step"] for r in single] == [0, 10, 20]
     for a, b in zip(two, single):  # 2 processes x 2 devices = 1 process x 4 devices
@@ -72,3 +62,19 @@ def test_distributed_flags_are_checked(tmp_path, text_file):
         exp.main(flags + ["--distributed", "--coordinator-address", "127.0.0.1:1",
                           "--num-processes", "2", "--process-id", "2"])
     assert not (tmp_path / "r").exists()
+
+
+def test_the_launcher_stops_every_process_when_one_fails():
+    script = ("import sys, time; i = int(sys.argv[sys.argv.index('--process-id') + 1]); "
+              "print('up', i, flush=True); sys.exit(3) if i == 1 else time.sleep(120)")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "genjax.launch", "--processes", "2", "--",
+                          sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 3 and time.monotonic() - started < 30  # not the 120 s sleep
+    assert "[0] up 0" in out.stdout and "[1] up 1" in out.stdout
+    assert "genjax.launch: process 1 exited with status 3; stopping the others" in out.stderr
+    with pytest.raises(SystemExit, match="give the command after --"):
+        from genjax import launch
+
+        launch.main(["--processes", "2"])
