@@ -455,7 +455,11 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     again); returns the run directory, absolute and normalised (messages name it so).
 
     Raises:
-      ValueError: ``--distributed`` or ``--resume`` without ``--run-dir``.
+      ValueError: ``--distributed`` or ``--resume`` without ``--run-dir``; a resume of
+        another experiment's run; ``--devices`` not dividing the batch; the explicit
+        distributed flags incomplete, out of range or without ``--distributed``;
+        ``--distributed`` after JAX started its backends, or a job not joined within
+        ``DISTRIBUTED_TIMEOUT_S``.
       FileExistsError, FileNotFoundError: a new run over another run's files, or a resume
         without a checkpoint (nothing is touched).
     """
@@ -499,7 +503,8 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     host_devices = args.host_devices if args.host_devices is not None else args.devices
     split_host_into_devices(batch_size, host_devices)
     enable_compile_cache(args.compile_cache)
-    run_dir = given or pathlib.Path(f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir = given or pathlib.Path(
+        f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     if check:
         check_run_dir(run_dir, args.resume)
     return run_dir
