@@ -243,7 +243,7 @@ def genjax_runner(w: Workload) -> tuple[Runner, float]:
         engine = make_engine(w.train.parallel, w.train.devices, w.train.batch_size)
     else:  # one accelerator, as the PyTorch twins use one
         engine = make_engine("none", 1, w.train.batch_size)
-    state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.replicated,
+    state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.state_sharding,
                              task.init_model_state)
     B = w.train.batch_size
     data_key = engine.put_replicated(w.data_key)

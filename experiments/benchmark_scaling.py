@@ -32,7 +32,8 @@ class Args:
 
     devices: tuple[int, ...] = (1, 2, 4, 8)
     """Device counts to measure."""
-    engines: tuple[Literal["pmap", "sharding", "none"], ...] = ("none", "pmap", "sharding")
+    engines: tuple[Literal["pmap", "sharding", "fsdp", "none"], ...] = (
+        "none", "pmap", "sharding", "fsdp")
     """Engines to measure (none runs on one device only)."""
     steps: int = 50
     """Timed steps per repeat."""
@@ -59,7 +60,7 @@ def measure(args: Args, n_devices: int) -> list[dict]:
     from genjax.data.text import CharTokenizer, TextData
     from genjax.tasks.gpt import make_task
     from genjax.train.optim import make_optimizer
-    from genjax.train.parallel import make_engine
+    from genjax.train.parallel import make_engine, state_bytes_per_device
     from genjax.train.steps import init_train_state
 
     model_cfg, train_cfg = PRESETS[args.preset]
@@ -83,7 +84,7 @@ def measure(args: Args, n_devices: int) -> list[dict]:
         step_fn = engine.compile_train_step(
             task.loss_fn, tx, schedule,
             batch_fn=lambda data_key, step: task.train_batch(data_key, step, 0, batch))
-        state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.replicated)
+        state = init_train_state(task.init_params, tx, jax.random.PRNGKey(0), engine.state_sharding)
         data_key = engine.put_replicated(jax.random.PRNGKey(2))
         dropout_key = engine.put_replicated(jax.random.PRNGKey(1))
         for i in range(2):  # compile and warm up
@@ -102,6 +103,7 @@ def measure(args: Args, n_devices: int) -> list[dict]:
         rows.append({"engine": kind, "devices": n_devices, "platform": engine.devices[0].platform,
                      "batch": batch, "per_device_batch": batch // n_devices,
                      "step_ms": step_s * 1e3,
+                     "state_mib_per_device": state_bytes_per_device(state) / 2 ** 20,
                      "tokens_per_s": batch * model_cfg.block_size / step_s})
     return rows
 
@@ -172,15 +174,17 @@ def main(argv=None):
     base = {r["engine"]: r["step_ms"] for r in rows if r["devices"] == 1 and "step_ms" in r}
     one = base.get("none") or next(iter(base.values()), None)
     print(f"\nGPT preset {args.preset}, platform {platform}, {args.steps} steps x {args.repeats}")
-    print("| engine | devices | global batch | per device | step (ms) | tokens/s | vs 1-device jit |")
-    print("|---|---|---|---|---|---|---|")
+    print("| engine | devices | global batch | per device | step (ms) | tokens/s | vs 1-device jit "
+          "| state per device (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['engine']} | {r['devices']} | - | - | error: {r['error']} | | |")
+            print(f"| {r['engine']} | {r['devices']} | - | - | error: {r['error']} | | | |")
             continue
         ratio = f"{r['step_ms'] / one:.2f}x" if one else "-"
         print(f"| {r['engine']} | {r['devices']} | {r['batch']} | {r['per_device_batch']} | "
-              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} |")
+              f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+              f"{r['state_mib_per_device']:.1f} |")
     batches = sorted({r["batch"] for r in rows if "batch" in r})
     for batch in batches:
         r = roofline(args.preset, batch)

@@ -226,8 +226,13 @@ class Checkpointer:
 
 
 def abstract_like(tree, sharding=None):
-    """``jax.ShapeDtypeStruct`` s shaped like ``tree``, optionally with one ``sharding``."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """``jax.ShapeDtypeStruct`` s shaped like ``tree``, optionally with one ``sharding``
+    for every leaf or a pytree of them shaped like ``tree``."""
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding)
 
 
 def load_latest(run_dir, device=None, log: Callable[[str], None] = print):

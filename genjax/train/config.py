@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal, Optional
 
-ParallelEngine = Literal["pmap", "sharding", "none"]
+ParallelEngine = Literal["pmap", "sharding", "fsdp", "none"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +30,9 @@ class TrainConfig:
       seed: seeds every random draw of the run (init, batches, dropout, evaluation).
       max_to_keep: checkpoints kept in ``RUN_DIR/checkpoints``.
       parallel: ``pmap`` (one program per device, ``lax.pmean`` of gradients),
-        ``sharding`` (one ``jax.jit`` program over a ``('data',)`` mesh) or ``none``
-        (plain ``jax.jit`` on one device).
+        ``sharding`` (one ``jax.jit`` program over a ``('data',)`` mesh), ``fsdp`` (the
+        same, with parameters and optimizer state sharded over the mesh) or ``none``
+        (plain ``jax.jit`` on one device); see :mod:`genjax.train.parallel`.
       devices: devices to use; None means all local devices.
 
     Raises:
@@ -87,9 +88,9 @@ class TrainConfig:
         if self.weight_decay_on not in ("all", "matrices"):
             raise ValueError(
                 f"weight_decay_on must be 'all' or 'matrices', got {self.weight_decay_on!r}")
-        if self.parallel not in ("pmap", "sharding", "none"):
-            raise ValueError(
-                f"parallel must be 'pmap', 'sharding' or 'none', got {self.parallel!r}")
+        if self.parallel not in ("pmap", "sharding", "fsdp", "none"):
+            raise ValueError(f"parallel must be 'pmap', 'sharding', 'fsdp' or 'none', got "
+                             f"{self.parallel!r}")
         if self.devices is not None and (not isinstance(self.devices, int) or self.devices <= 0):
             raise ValueError(f"devices must be a positive integer or None, got {self.devices!r}")
 

@@ -536,8 +536,8 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         return create_train_state(task.init_params(key), tx, model_state)
 
     if resume:
-        abstract = {"train": abstract_like(_saved_form(jax.eval_shape(init_state, keys["init"])),
-                                           engine.replicated),
+        shapes = _saved_form(jax.eval_shape(init_state, keys["init"]))
+        abstract = {"train": abstract_like(shapes, engine.state_sharding(shapes)),
                     "keys": abstract_like(keys, engine.replicated)}
         ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
         step0, restored, _ = ckpt.restore_latest(abstract, _model_meta_checker(task.meta))
@@ -547,7 +547,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
             log(f"the checkpoint is at step {step0}, at or past --max-iters {cfg.max_iters}: "
                 "nothing to train (raise --max-iters to continue)")
     else:
-        state = init_train_state(task.init_params, tx, keys["init"], engine.replicated,
+        state = init_train_state(task.init_params, tx, keys["init"], engine.state_sharding,
                                  task.init_model_state)
         keys = engine.put_replicated(keys)
         step0 = 0
@@ -580,7 +580,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
 
         def run_eval(variables, key) -> dict:
             return evaluate(task, engine, eval_step, variables, key, cfg.batch_size)
-    log(f"{task.name}: {engine.describe(cfg.batch_size)}")
+    log(f"{task.name}: {engine.describe(cfg.batch_size, state)}")
 
     metrics_path = run_dir / "metrics.jsonl"
     if resume and is_main_process():

@@ -9,6 +9,13 @@ Three engines run the same pure steps of :mod:`genjax.train.steps`:
 - ``sharding``: one ``jax.jit`` program over the 1-D mesh ``('data',)`` made by
   ``jax.make_mesh``; state replicated (``P()``), batch sharded (``P('data')``), state buffers
   donated. XLA inserts the gradient all-reduce.
+- ``fsdp``: the ``sharding`` program, but parameters and optimizer state are sharded over
+  ``data`` too (fully sharded data parallelism, ZeRO-3: Rajbhandari et al. 2020, "ZeRO:
+  Memory Optimizations Toward Training Trillion Parameter Models"): each array of at least
+  :data:`FSDP_MIN_SIZE` elements is split along its largest dimension that the device
+  count divides; smaller arrays (biases, LayerNorm scales) stay replicated. XLA gathers
+  the parameters where the computation needs them and reduce-scatters the gradients, so
+  the state's bytes per device fall about as 1/N (:func:`state_bytes_per_device`).
 - ``none``: ``jax.jit`` on one device.
 
 Batches are global: the same examples at step k whatever the device count. With several
@@ -18,6 +25,7 @@ processes (``jax.distributed``), each process supplies only its share of every b
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Optional, Union
 
@@ -34,6 +42,8 @@ from genjax.train.steps import (Evaluation, LossFn, Objective, Optimizers,
 _HOST_FLAG = "xla_force_host_platform_device_count"
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
+ENGINES = ("pmap", "sharding", "fsdp", "none")
+FSDP_MIN_SIZE = 1024  # elements: smaller arrays stay replicated under fsdp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +51,7 @@ class Engine:
     """How steps are compiled and where arrays live. Make one with :func:`make_engine`.
 
     Attributes:
-      kind: ``pmap``, ``sharding`` or ``none``.
+      kind: ``pmap``, ``sharding``, ``fsdp`` or ``none``.
       devices: the devices used, in ``jax.devices()`` order.
       mesh: a 1-D mesh over ``devices``.
     """
@@ -63,6 +73,27 @@ class Engine:
     def batch_sharding(self) -> NamedSharding:
         """The sharding of a batch: split along its leading axis."""
         return NamedSharding(self.mesh, P(self.mesh.axis_names[0]))
+
+    def sharding_of(self, x) -> NamedSharding:
+        """Where a state array shaped like ``x`` (an array or ``jax.ShapeDtypeStruct``)
+        lives: replicated, or under ``fsdp`` split along its largest dimension that the
+        device count divides when it has at least :data:`FSDP_MIN_SIZE` elements."""
+        n, shape = self.n_devices, tuple(getattr(x, "shape", ()))
+        if self.kind != "fsdp" or n == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+            return self.replicated
+        dims = [d for d in range(len(shape)) if shape[d] % n == 0]
+        if not dims:
+            return self.replicated
+        d = max(dims, key=lambda d: (shape[d], -d))  # the largest; the first of equals
+        return NamedSharding(self.mesh, P(*([None] * d), MESH_AXIS))
+
+    def state_sharding(self, tree):
+        """The sharding of every leaf of a state-like pytree (see :meth:`sharding_of`)."""
+        return jax.tree.map(self.sharding_of, tree)
+
+    def put_state(self, tree):
+        """Put a pytree of state arrays where :meth:`state_sharding` says."""
+        return jax.device_put(tree, self.state_sharding(tree))
 
     def per_device_batch(self, global_batch: int) -> int:
         """Examples each device takes of a global batch (divisibility is checked by
@@ -102,13 +133,20 @@ class Engine:
         return jax.tree.map(put, local_batch)
 
     def to_single_device(self, tree):
-        """Copy a (replicated) pytree onto this process's first device, for sampling and
-        reports (with several processes, from this process's own copy of each array)."""
+        """Copy a pytree of the engine's arrays onto this process's first device, whole,
+        for sampling and reports. A replicated array with several processes is copied from
+        this process's own copy; an array sharded across processes (``fsdp``) is gathered,
+        a collective: every process must call this together."""
         local = jax.local_devices()[0]
 
         def one(x):
             if isinstance(x, jax.Array) and not x.is_fully_addressable:
-                x = x.addressable_data(0)  # replicated: every process holds the whole value
+                if x.is_fully_replicated:  # every process holds the whole value
+                    x = x.addressable_data(0)
+                else:
+                    from jax.experimental import multihost_utils
+
+                    x = multihost_utils.process_allgather(x, tiled=True)
             return jax.device_put(x, local)
 
         return jax.tree.map(one, tree)
@@ -127,7 +165,8 @@ class Engine:
         ``batch_fn`` (traceable ``(data_key, step) -> global batch``): ``(state,
         data_key, dropout_key) -> (state, metrics)``, the batch drawn inside the program
         (see :func:`genjax.train.steps.make_batch_drawing_train_step`). ``state``, keys,
-        the returned state and metrics are replicated arrays.
+        the returned state and metrics are replicated arrays (under ``fsdp`` the state is
+        placed by :meth:`state_sharding`, in and out).
         """
         if batch_fn is None:
             if self.kind == "pmap":
@@ -145,9 +184,9 @@ class Engine:
             if self.kind == "pmap":
                 return self._pmap_replicated(step, 3, out_axes=(None, None), donate_argnums=0)
             second = self.replicated  # the data key
-        if self.kind == "sharding":
-            return jax.jit(step, in_shardings=(self.replicated, second, self.replicated),
-                           out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        if self.kind in ("sharding", "fsdp"):
+            return self._mesh_jit(step, (second, self.replicated), self.replicated,
+                                  returns_state=True, donate_argnums=0)
         return jax.jit(step, donate_argnums=0)
 
     def compile_eval_step(self, objective: Union[LossFn, Evaluation]):
@@ -158,9 +197,8 @@ class Engine:
             return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None), out_axes=None,
                             devices=self.devices)
         step = make_eval_step(objective)
-        if self.kind == "sharding":
-            return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-                           out_shardings=self.replicated)
+        if self.kind in ("sharding", "fsdp"):
+            return self._mesh_jit(step, (self.batch_sharding, self.replicated), self.replicated)
         return jax.jit(step)
 
     def compile_eval_program(self, objective: Union[LossFn, Evaluation], batch_fn,
@@ -178,10 +216,32 @@ class Engine:
             batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
         if self.kind == "pmap":
             return self._pmap_replicated(evaluate, 2, out_axes=None)
-        if self.kind == "sharding":
-            return jax.jit(evaluate, in_shardings=(self.replicated, self.replicated),
-                           out_shardings=self.replicated)
+        if self.kind in ("sharding", "fsdp"):
+            return self._mesh_jit(evaluate, (self.replicated,), self.replicated)
         return jax.jit(evaluate)
+
+    def _mesh_jit(self, fn, rest_shardings: tuple, out_sharding, returns_state: bool = False,
+                  **jit_kwargs):
+        """``jax.jit`` of ``fn`` over the mesh, whose first argument is state-like (a train
+        state or the variables) and placed by :meth:`state_sharding`; ``rest_shardings``:
+        the other arguments'. With ``returns_state``, ``fn`` returns ``(state, out)`` and the
+        state comes back placed as it went in. Under ``fsdp`` the program is built at the
+        first call, from the first argument's structure and shapes."""
+        def build(first_sharding):
+            out = (first_sharding, out_sharding) if returns_state else out_sharding
+            return jax.jit(fn, in_shardings=(first_sharding,) + tuple(rest_shardings),
+                           out_shardings=out, **jit_kwargs)
+
+        if self.kind != "fsdp":
+            return build(self.replicated)
+        built = {}
+
+        def call(first, *rest):
+            if "fn" not in built:
+                built["fn"] = build(self.state_sharding(first))
+            return built["fn"](first, *rest)
+
+        return call
 
     def _pmap_replicated(self, fn, n_args: int, **pmap_kwargs):
         """``jax.pmap`` of ``fn``, all of whose ``n_args`` arguments are replicated.
@@ -193,10 +253,27 @@ class Engine:
         indices = self.put_batch(np.arange(self.n_devices // jax.process_count()))
         return lambda *args: mapped(*args, indices)
 
-    def describe(self, global_batch: int) -> str:
-        return (f"engine={self.kind} devices={self.n_devices} ({self.devices[0].platform}) "
+    def describe(self, global_batch: int, state=None) -> str:
+        """One line: engine, devices, processes, batch and, given ``state``, its size on
+        each device (:func:`state_bytes_per_device`)."""
+        line = (f"engine={self.kind} devices={self.n_devices} ({self.devices[0].platform}) "
                 f"processes={jax.process_count()} global_batch={global_batch} "
                 f"per_device_batch={self.per_device_batch(global_batch)}")
+        if state is not None:
+            line += f" state_per_device={state_bytes_per_device(state) / 2 ** 20:.2f}MiB"
+        return line
+
+
+def state_bytes_per_device(tree) -> int:
+    """The bytes of ``tree``'s arrays held by the fullest of this process's devices (each
+    array counts its shards on that device: a replicated array its whole size, a sharded
+    one its share). Host (numpy) leaves count on no device."""
+    per_device: dict = {}
+    for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array):
+            for shard in x.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
 
 
 def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
@@ -204,7 +281,7 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
     """Choose the devices and check that the batch divides among them, before compiling.
 
     Args:
-      kind: ``pmap``, ``sharding`` or ``none`` (``none`` uses one device).
+      kind: ``pmap``, ``sharding``, ``fsdp`` or ``none`` (``none`` uses one device).
       n_devices: devices to use; None = every device (``jax.device_count()``).
       global_batch: the global batch size, checked to be divisible by the device count
         (and by the process count).
@@ -214,8 +291,8 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
         ``n_devices > 1``; ``global_batch`` not divisible by the device count. The message
         names both numbers.
     """
-    if kind not in ("pmap", "sharding", "none"):
-        raise ValueError(f"parallel engine must be 'pmap', 'sharding' or 'none', got {kind!r}")
+    if kind not in ENGINES:
+        raise ValueError(f"parallel engine must be one of {', '.join(ENGINES)}, got {kind!r}")
     available = jax.devices()
     if n_devices is None:
         n_devices = 1 if kind == "none" else len(available)

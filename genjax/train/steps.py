@@ -228,14 +228,19 @@ def init_train_state(init_params: Callable[[jax.Array], Any], tx: Optimizers,
 
     The init program runs once, so it is compiled with :data:`RUN_ONCE_COMPILER_OPTIONS`
     (the same random draws; float rounding may differ from an optimised build in the last
-    bit). ``sharding``: where the state goes (replicated over the engine's devices).
+    bit). ``sharding``: where the state goes: one sharding for every array, a pytree of
+    them shaped like the state, or a function from the state's shapes
+    (``jax.ShapeDtypeStruct`` s) to either, such as
+    :meth:`genjax.train.parallel.Engine.state_sharding`.
     """
     params = jax.jit(init_params, compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
     model_state = None
     if init_model_state is not None:
         model_state = jax.jit(init_model_state, compiler_options=RUN_ONCE_COMPILER_OPTIONS)(key)
-    return jax.jit(lambda p, s: create_train_state(p, tx, s), out_shardings=sharding)(
-        params, model_state)
+    create = lambda p, s: create_train_state(p, tx, s)
+    if callable(sharding):
+        sharding = sharding(jax.eval_shape(create, params, model_state))
+    return jax.jit(create, out_shardings=sharding)(params, model_state)
 
 
 def _check_groups(updates: Sequence[Update], tx: Optimizers) -> None:
