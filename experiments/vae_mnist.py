@@ -40,6 +40,8 @@ PRESETS: dict[str, tuple[VAEConfig, TrainConfig]] = {
                         lr_decay_iters=20000, min_lr=1e-4, weight_decay=1e-4, seed=0)),
 }
 
+DEFAULT_IWAE_K = 100
+
 
 @dataclasses.dataclass(frozen=True)
 class Args(RunArgs, MetricsArgs):
@@ -52,19 +54,22 @@ class Args(RunArgs, MetricsArgs):
     """Size of z."""
     beta: Annotated[Optional[float], preset_default("FLOAT")] = None
     """Weight of the KL term (beta-VAE); 1 trains on the ELBO."""
-    iwae_k: int = 100
-    """Importance samples of the held-out log-likelihood bound."""
+    iwae_k: Annotated[Optional[int], own_default("K")] = None
+    """Importance samples of the held-out log-likelihood bound (default 100; on --resume,
+    the run's)."""
 
 
-def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str], Optional[dict]]:
-    """``(preset, model config, train config, data dir, saved record)``: the preset (or
-    with ``--resume`` the run's saved config) with the flags' overrides, the data folder
-    the resumed run's when not given. Raises ``ValueError`` on invalid values."""
-    if args.iwae_k < 1:
+def resolve(args: Args) -> tuple[str, VAEConfig, TrainConfig, Optional[str], int,
+                                  Optional[dict]]:
+    """``(preset, model config, train config, data dir, iwae k, saved record)``: the preset
+    (or with ``--resume`` the run's saved config) with the flags' overrides, the data folder
+    and IWAE k the resumed run's when not given. Raises ``ValueError`` on invalid values."""
+    if args.iwae_k is not None and args.iwae_k < 1:
         raise ValueError(f"--iwae-k must be >= 1, got {args.iwae_k}")
     preset, model, train, saved = resolve_configs(args, PRESETS, default_preset_for("cpu", "gpu"))
+    iwae_k = args.iwae_k or (saved or {}).get("iwae_k") or DEFAULT_IWAE_K
     return preset, model, train, resumed_path(args.data_dir, (saved or {}).get("data_dir"),
-                                               DATA_DIR_ENV), saved
+                                               DATA_DIR_ENV), iwae_k, saved
 
 
 def main(argv=None):
@@ -76,7 +81,7 @@ def run(args: Args):
     # config
     refuse_unused(args, EVERY_HELDOUT_IMAGE)
     run_dir = start_run(args, planned_batch_size(args, PRESETS, "cpu"), "vae_mnist")
-    preset, model_cfg, train_cfg, data_dir, saved = resolve(args)
+    preset, model_cfg, train_cfg, data_dir, iwae_k, saved = resolve(args)
     # data, and the classifier of the metrics (before anything is written)
     data = load_mnist(data_dir, log=say)
     quality, metrics_record = sample_quality_for(args, saved, data, say)
@@ -84,19 +89,19 @@ def run(args: Args):
         f"{len(data.test_images):,} held-out images; latent_dim {model_cfg.latent_dim}, "
         f"beta {model_cfg.beta}; run dir {run_dir}")
     # state, steps, loop
-    task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, args.iwae_k,
+    task = make_task(model_cfg, data, train_cfg.batch_size, run_dir, iwae_k,
                      train_cfg.max_iters, quality, N_SAMPLES)
     record = {"experiment": "vae_mnist", "preset": preset,
               "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg), "data": data.source, "data_dir": data_dir,
-              "iwae_k": args.iwae_k, **metrics_record}
+              "iwae_k": iwae_k, **metrics_record}
     result = fit(task, train_cfg, run_dir, resume=args.resume, config_record=record, plot=True,
                  tensorboard=args.tensorboard)
     final_figures(model_cfg, result, data)
     if result.history:  # (a resume with nothing to train evaluates nothing)
         last = result.history[-1]
         say(f"held-out per image: recon {last['recon_nats']:.2f}, KL {last['kl_nats']:.2f}, "
-            f"-ELBO {last['neg_elbo']:.2f}, IWAE(k={args.iwae_k}) NLL <= "
+            f"-ELBO {last['neg_elbo']:.2f}, IWAE(k={iwae_k}) NLL <= "
             f"{last.get('iwae_nll', float('nan')):.2f} nats")
         if quality is not None:
             say(f"prior samples: {describe(last)}")
