@@ -1,12 +1,13 @@
 """Run one command as N JAX processes on this machine: the local case of a multi-host job.
 
-    python -m genjax.launch --processes N [--port P] -- COMMAND [ARGS ...]
+    python -m genjax.launch --processes N [--port P] [--grace S] -- COMMAND [ARGS ...]
 
 Starts COMMAND N times, each with ``--distributed --coordinator-address 127.0.0.1:P
 --num-processes N --process-id I`` appended (every genjax experiment takes these flags; see
 :func:`genjax.train.cli.start_run`), prints each process's output lines prefixed with
 ``[I]``, and stops every process with one line when one fails (its exit status is the
-launcher's) or on Ctrl-C (SIGINT to each, then SIGKILL to any still running after a grace
+launcher's; the others' output from then on, the errors that follow from the first, is
+not shown) or on Ctrl-C or SIGTERM (SIGINT to each, then SIGKILL to any still running after a grace
 period): no process outlives the launcher.
 """
 
@@ -37,6 +38,8 @@ class Args:
     """How many processes."""
     port: Annotated[Optional[int], tyro.conf.arg(metavar="P")] = None
     """The coordinator's port on 127.0.0.1 (default: a free one)."""
+    grace: float = GRACE_S
+    """Seconds the processes get to save and stop after SIGINT, before SIGKILL."""
 
 
 def free_port() -> int:
@@ -46,16 +49,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _relay(i: int, stream, lock: threading.Lock) -> None:
+def _relay(i: int, stream, lock: threading.Lock, muted: set) -> None:
     for line in stream:
         with lock:
-            sys.stdout.write(f"[{i}] {line}")
-            sys.stdout.flush()
+            if i not in muted:
+                sys.stdout.write(f"[{i}] {line}")
+                sys.stdout.flush()
 
 
-def launch(command, processes: int, port: Optional[int] = None) -> int:
+def launch(command, processes: int, port: Optional[int] = None, grace: float = GRACE_S) -> int:
     """Run ``command`` (a list of strings) as ``processes`` processes; returns the exit
-    status: 0 when all succeed, the first failing process's status, or 130 after Ctrl-C.
+    status: 0 when all succeed, the first failing process's status (128 + N for one
+    killed by signal N, as a shell reports it), or 130 after Ctrl-C.
 
     Raises:
       ValueError: no command, or fewer than 1 process.
@@ -65,43 +70,78 @@ def launch(command, processes: int, port: Optional[int] = None) -> int:
                          "--processes 2 -- python -m experiments.gpt_shakespeare --run-dir DIR")
     if processes < 1:
         raise ValueError(f"--processes must be >= 1, got {processes}")
+    if not grace >= 0:
+        raise ValueError(f"--grace must be a number of seconds >= 0, got {grace}")
     port = port or free_port()
     lock = threading.Lock()
-    procs = []
+    muted: set = set()  # processes whose output is no longer shown
+    procs, relays = [], []
     for i in range(processes):
         p = subprocess.Popen(
             list(command) + ["--distributed", "--coordinator-address", f"127.0.0.1:{port}",
                              "--num-processes", str(processes), "--process-id", str(i)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        threading.Thread(target=_relay, args=(i, p.stdout, lock), daemon=True).start()
+        relays.append(threading.Thread(target=_relay, args=(i, p.stdout, lock, muted),
+                                       daemon=True))
+        relays[-1].start()
         procs.append(p)
     status = 0
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # (a scheduler's stop too)
     try:
         while None in [p.poll() for p in procs]:  # (every process polled each round)
             failed = [(i, p.returncode) for i, p in enumerate(procs)
                       if p.returncode not in (None, 0)]
             if failed:
                 i, status = failed[0]
-                print(f"genjax.launch: process {i} exited with status {status}; stopping the "
-                      "others", file=sys.stderr, flush=True)
+                relays[i].join(timeout=5)  # its last lines first
+                with lock:  # the others' errors from here on follow from this one
+                    muted.update(set(range(processes)) - {i})
+                print(f"genjax.launch: process {i} {_ended(status)}; stopping the others "
+                      "(their output from here on is not shown)", file=sys.stderr, flush=True)
+                status = status if status > 0 else 128 - status  # as a shell reports a signal
                 break
             time.sleep(0.2)
         else:
             failed = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
+            if failed:  # all ended at once: a death first, if any, then the rest
+                failed.sort(key=lambda f: f[1] >= 0)
+                for relay in relays:
+                    relay.join(timeout=5)
+                print("genjax.launch: " + "; ".join(f"process {i} {_ended(status)}"
+                                                    for i, status in failed),
+                      file=sys.stderr, flush=True)
             status = failed[0][1] if failed else 0
+            status = status if status >= 0 else 128 - status
     except KeyboardInterrupt:
-        print("genjax.launch: Ctrl-C, stopping every process", file=sys.stderr, flush=True)
+        print("genjax.launch: interrupted (Ctrl-C or SIGTERM), stopping every process",
+              file=sys.stderr, flush=True)
         status = 130
-    _stop(procs)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _stop(procs, grace)
     return status
 
 
-def _stop(procs) -> None:
-    """SIGINT to each running process, SIGKILL to any still running after GRACE_S."""
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _ended(status: int) -> str:
+    """How a process ended, from its ``returncode`` (negative: the signal)."""
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def _stop(procs, grace: float) -> None:
+    """SIGINT to each running process, SIGKILL to any still running after ``grace`` s."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
-    deadline = time.monotonic() + GRACE_S
+    deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -114,7 +154,7 @@ def main(argv=None) -> int:
     """Entry point; exits with :func:`launch`'s status."""
     args = tyro.cli(Args, args=argv, prog="python -m genjax.launch")
     try:
-        status = launch(args.command, args.processes, args.port)
+        status = launch(args.command, args.processes, args.port, args.grace)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     raise SystemExit(status)

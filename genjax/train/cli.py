@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import pathlib
 import sys
@@ -102,11 +103,48 @@ def _description(cls: type, presets: Optional[Mapping[str, tuple]]) -> str:
     return text + "\n\nPresets (the values of the flags left out):\n\n" + "\n\n".join(lines)
 
 
+def _failed_collective(e: BaseException) -> bool:
+    """Whether ``e`` is XLA's runtime error inside a job of several JAX processes."""
+    jax = sys.modules.get("jax")
+    return (jax is not None and isinstance(e, jax.errors.JaxRuntimeError)
+            and jax.process_count() > 1)
+
+
+_job_timeout_s: list = [None]  # --distributed-timeout of this process's job, once joined
+
+
+def _gone_processes() -> list[int]:
+    """The processes of this job that JAX's coordination service no longer hears from
+    (it knows once they have been silent for the heartbeat timeout, ``--distributed-timeout``);
+    [] when that cannot be learnt within that time and 10 s, or the coordinator itself is
+    gone."""
+    import threading
+
+    import jax
+
+    found: list = []
+
+    def ask():
+        try:  # (the client of jax.distributed, not a public API: any failure says nothing)
+            from jax._src import distributed
+
+            live = distributed.global_state.client.get_live_nodes(list(range(jax.process_count())))
+            found.extend(i for i in range(jax.process_count()) if i not in live)
+        except Exception:
+            pass
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join((_job_timeout_s[0] or DISTRIBUTED_TIMEOUT_S) + 10)
+    return sorted(found) if not asking.is_alive() else []
+
+
 def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
     checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
     status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (no
-    traceback)."""
+    traceback). In a job of several processes, a failed collective (another process died)
+    is one ``error: ...`` line and exit status 1, at once."""
     from genjax.data.tfds import DataUnavailableError
     from genjax.train.checkpoint import CheckpointError
     from genjax.train.loop import DivergedError, RunInterrupted
@@ -120,6 +158,21 @@ def run_command(fn, args):
     except KeyboardInterrupt:  # before or after training
         print("interrupted: nothing more was saved", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:
+        if _failed_collective(e):
+            # Another process of the job is gone: say so in one line, and leave without
+            # JAX's exit-time barrier, which cannot succeed and aborts with a stack trace.
+            import jax
+
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            gone = _gone_processes()
+            who = (f"process(es) {', '.join(map(str, gone))} stopped" if gone else
+                   "another process has stopped or cannot be reached")
+            print(f"error: process {jax.process_index()} of {jax.process_count()}: a "
+                  f"collective across the job's processes failed ({first}): {who}; continue "
+                  "from the latest checkpoint with --resume", file=sys.stderr, flush=True)
+            os._exit(1)
+        raise
 
 
 def override(config: T, overrides) -> T:
@@ -165,9 +218,10 @@ class RunArgs:
     seed: Annotated[Optional[int], own_default("INT")] = None
     """Seed of every random draw of the run (default: the preset's; a resumed run keeps
     the keys saved in its checkpoint)."""
-    parallel: Annotated[Optional[Literal["pmap", "sharding", "none"]],
-                        preset_default("{pmap,sharding,none}")] = None
-    """Data-parallel engine: pmap, sharding or none (one device)."""
+    parallel: Annotated[Optional[Literal["pmap", "sharding", "fsdp", "none"]],
+                        preset_default("{pmap,sharding,fsdp,none}")] = None
+    """Data-parallel engine: pmap, sharding, fsdp (parameters and optimizer state sharded
+    over the devices) or none (one device)."""
     devices: Annotated[Optional[int], own_default("INT")] = None
     """Devices to use (default: all local devices; on --resume, the run's setting)."""
     host_devices: Annotated[Optional[int], own_default("INT")] = None
@@ -185,6 +239,10 @@ class RunArgs:
     """With --distributed: how many processes join the job."""
     process_id: Annotated[Optional[int], own_default("I")] = None
     """With --distributed: this process's index, 0 to N-1."""
+    distributed_timeout: Annotated[Optional[float], own_default("SECONDS")] = None
+    """With --distributed: how long every process may take to join, and how long a
+    process may go silent (dead, or its host unreachable) before the others stop (default
+    120)."""
     data_dir: Annotated[Optional[str], own_default("DIR")] = None
     """Offline data folder (default: $GENJAX_DATA_DIR; on --resume, the run's)."""
     run_dir: Annotated[Optional[str], own_default("DIR")] = None
@@ -459,12 +517,13 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
         another experiment's run; ``--devices`` not dividing the batch; the explicit
         distributed flags incomplete, out of range or without ``--distributed``;
         ``--distributed`` after JAX started its backends, or a job not joined within
-        ``DISTRIBUTED_TIMEOUT_S``.
+        ``--distributed-timeout`` (default ``DISTRIBUTED_TIMEOUT_S``).
       FileExistsError, FileNotFoundError: a new run over another run's files, or a resume
         without a checkpoint (nothing is touched).
     """
     import jax
 
+    from genjax.train.distributed import JoinError, join
     from genjax.train.loop import check_run_dir
     from genjax.train.parallel import split_host_into_devices
 
@@ -479,6 +538,15 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     explicit = {"coordinator_address": args.coordinator_address,
                 "num_processes": args.num_processes, "process_id": args.process_id}
     joining = {k: v for k, v in explicit.items() if v is not None}
+    timeout = DISTRIBUTED_TIMEOUT_S
+    if args.distributed_timeout is not None:
+        if not args.distributed:
+            raise ValueError("--distributed-timeout: only with --distributed")
+        if not (math.isfinite(args.distributed_timeout) and args.distributed_timeout >= 1):
+            raise ValueError(f"--distributed-timeout must be a number of seconds >= 1, got "
+                             f"{args.distributed_timeout!r}")
+        timeout = args.distributed_timeout
+    _job_timeout_s[0] = timeout
     if joining and not args.distributed:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in joining)}: only with "
                          "--distributed")
@@ -493,13 +561,22 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
                              f"{args.num_processes})")
         if (jax._src.xla_bridge._backends or {}):
             raise ValueError("--distributed must come before JAX starts its backends")
-        try:
-            jax.distributed.initialize(**joining, initialization_timeout=DISTRIBUTED_TIMEOUT_S)
-        except Exception as e:  # (XLA's runtime errors: a timeout, an unreachable address)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"--distributed: could not join the job within "
-                             f"{DISTRIBUTED_TIMEOUT_S} s ({first[:300]}); check "
-                             "--coordinator-address, --num-processes and --process-id") from e
+        if joining:  # a rendezvous first, so that each failure is one line
+            try:
+                join(args.coordinator_address, args.num_processes, args.process_id, timeout)
+            except JoinError as e:
+                raise ValueError(f"--distributed (process {args.process_id} of "
+                                 f"{args.num_processes}): {e}") from None
+        else:  # the cluster's own detection
+            try:
+                jax.distributed.initialize(initialization_timeout=math.ceil(timeout),
+                                           heartbeat_timeout_seconds=math.ceil(timeout))
+            except Exception as e:  # (XLA's runtime errors: no cluster detected, a timeout)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ValueError(f"--distributed: could not join the job within {timeout:g} s "
+                                 f"({first[:300]}); outside a detected cluster give "
+                                 "--coordinator-address, --num-processes and --process-id") \
+                    from e
     host_devices = args.host_devices if args.host_devices is not None else args.devices
     split_host_into_devices(batch_size, host_devices)
     enable_compile_cache(args.compile_cache)
