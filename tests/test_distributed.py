@@ -3,6 +3,9 @@ explicit coordinates: the code a multi-host job runs."""
 
 import json
 import os
+import shutil
+import signal
+import pathlib
 import subprocess
 import sys
 import time
@@ -12,42 +15,104 @@ import pytest
 from experiments import gpt_shakespeare as exp
 
 TINY = ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--batch-size", "8",
-        "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-        "--warmup-iters", "1", "--max-new-tokens", "20", "--compile-cache", "none"]
+        "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+        "--warmup-iters", "1", "--learning-rate", "1e-3", "--min-lr", "1e-3",
+        "--max-new-tokens", "20", "--compile-cache", "none"]
+# (n_embd 32: fsdp shards the arrays of >= 1024 elements; a constant rate after the
+# one warm-up step, so that a run to 20 steps continued to 30 is one run to 30)
+ENV = {**os.environ, "XLA_FLAGS": "", "TQDM_DISABLE": "1"}
 
 
 def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("engine", ["pmap", "sharding"])
+def _gpt(*flags):
+    return [sys.executable, "-m", "experiments.gpt_shakespeare", *flags]
+
+
+def _launch(n, command):
+    return subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes", str(n), "--"]
+                            + command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=ENV)
+
+
+def _run(command):
+    out = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def _same(a, b, keys=("train_loss", "val_loss")):
+    """Records of one step agree to 1e-5 (relative, for the VAE's nats per image)."""
+    assert a["step"] == b["step"]
+    for key in keys:
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (key, a, b)
+
+
+@pytest.mark.parametrize("engine", ["pmap", "sharding", "fsdp"])
 def test_two_processes_equal_one(tmp_path, text_file, engine):
-    env = {**os.environ, "XLA_FLAGS": "", "TQDM_DISABLE": "1"}
-    base = [sys.executable, "-m", "experiments.gpt_shakespeare", "--text-file", str(text_file),
-            *TINY, "--parallel", engine]
-    launcher = subprocess.Popen(  # the two processes, through genjax.launch
-        [sys.executable, "-m", "genjax.launch", "--processes", "2", "--"] + base
-        + ["--run-dir", str(tmp_path / "two"), "--host-devices", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    one = subprocess.run(base + ["--run-dir", str(tmp_path / "one"), "--host-devices", "4"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    """2 processes x 2 devices train as 1 process x 4 devices; checkpoints move between
+    process counts, and a resumed run equals the uninterrupted one."""
+    base = _gpt("--text-file", str(text_file), *TINY, "--parallel", engine)
+    two, one = tmp_path / "two", tmp_path / "one"
+    launcher = _launch(2, base + ["--run-dir", str(two), "--host-devices", "2"])
+    _run(base + ["--run-dir", str(one), "--host-devices", "4", "--max-iters", "30"])
     out = launcher.communicate(timeout=300)[0]
-    assert one.returncode == 0, one.stdout + one.stderr
     assert launcher.returncode == 0, out
     assert f"[0] gpt: engine={engine} devices=4 (cpu) processes=2 global_batch=8" in out
-    two, single = _records(tmp_path / "two"), _records(tmp_path / "one")
-    assert [r["step"] for r in two] == [r["step"] for r in single] == [0, 10, 20]
-    for a, b in zip(two, single):  # 2 processes x 2 devices = 1 process x 4 devices
-        for key in ("train_loss", "val_loss"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a, b)
-    assert (tmp_path / "two" / "checkpoints" / "20").is_dir()  # one checkpoint for the job
-    if engine == "pmap":  # the 2-process job's checkpoint continues in 1 process
-        resumed = subprocess.run([sys.executable, "-m", "experiments.gpt_shakespeare",
-                                  "--run-dir", str(tmp_path / "two"), "--resume", "--max-iters",
-                                  "30", "--host-devices", "4"],
-                                 capture_output=True, text=True, env=env, timeout=300)
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert [r["step"] for r in _records(tmp_path / "two")] == [0, 10, 20, 30]
+    assert (two / "checkpoints" / "20").is_dir()  # one checkpoint for the job
+    uninterrupted = _records(one)
+    assert [r["step"] for r in _records(two)] == [0, 10, 20]
+    for a, b in zip(_records(two), uninterrupted):  # 2 x 2 devices = 1 x 4 devices
+        _same(a, b)
+    if engine in ("pmap", "fsdp"):  # the 2-process job continues in 1 process
+        _run(_gpt("--run-dir", str(two), "--resume", "--max-iters", "30")
+             + (["--host-devices", "4"] if engine == "pmap"
+                else ["--host-devices", "1", "--parallel", "none"]))  # fsdp: on 1 device
+        resumed = two
+    else:  # the other way round: the 1-process run, from step 20, continues in 2 processes
+        resumed = tmp_path / "back"
+        shutil.copytree(one, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "30")
+        launcher = _launch(2, _gpt("--run-dir", str(resumed), "--resume", "--max-iters", "30",
+                                   "--host-devices", "2"))
+        out = launcher.communicate(timeout=300)[0]
+        assert launcher.returncode == 0, out
+        assert "processes=2" in out
+    records = _records(resumed)
+    assert [r["step"] for r in records] == [0, 10, 20, 30]
+    _same(records[-1], uninterrupted[-1])
+
+
+def test_fsdp_shards_the_state(tmp_path, text_file):
+    """fsdp holds about a quarter of the state per device on 4 devices, and its
+    checkpoint is the same arrays as a replicated run's."""
+    from genjax.train.parallel import FSDP_MIN_SIZE, make_engine, state_bytes_per_device
+
+    import jax
+    import numpy as np
+
+    from genjax.models.gpt import GPT, GPTConfig
+    from genjax.train.optim import make_optimizer
+    from genjax.train.config import TrainConfig
+    from genjax.train.steps import init_train_state
+
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_embd=64, n_head=4, n_layer=2))
+    init = lambda key: model.init(key, np.zeros((1, 32), np.int32))["params"]
+    tx, _ = make_optimizer(TrainConfig())
+    states = {}
+    for kind in ("sharding", "fsdp"):
+        engine = make_engine(kind, 4, 8)
+        states[kind] = init_train_state(init, tx, jax.random.PRNGKey(0), engine.state_sharding)
+    full, sharded = (state_bytes_per_device(states[k]) for k in ("sharding", "fsdp"))
+    small = sum(x.nbytes for x in jax.tree.leaves(states["sharding"]) if x.size < FSDP_MIN_SIZE)
+    assert sharded == pytest.approx((full - small) / 4 + small, rel=0.02)  # about 1/4
+    assert sharded < 0.3 * full
+    for a, b in zip(jax.tree.leaves(states["sharding"]), jax.tree.leaves(states["fsdp"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if b.size >= FSDP_MIN_SIZE and any(d % 4 == 0 for d in b.shape):
+            assert not b.sharding.is_fully_replicated, b.shape
 
 
 def test_distributed_flags_are_checked(tmp_path, text_file):
@@ -78,3 +143,123 @@ def test_the_launcher_stops_every_process_when_one_fails():
         from genjax import launch
 
         launch.main(["--processes", "2"])
+
+
+def test_joining_fails_in_one_line():
+    """An unreachable coordinator, a process that never comes and a count that processes
+    disagree on: each process ends within the timeout with one error line."""
+    from genjax.launch import free_port
+
+    port = free_port()
+    flags = lambda i, n, run: _gpt("--run-dir", run, "--distributed", "--coordinator-address",
+                                   f"127.0.0.1:{port}", "--num-processes", str(n),
+                                   "--process-id", str(i), "--distributed-timeout", "3")
+    start = lambda cmd: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True, env=ENV)
+    started = time.monotonic()
+    alone = start(flags(1, 2, "unused"))  # nobody listens on the port
+    out, err = alone.communicate(timeout=60)
+    assert alone.returncode == 1 and err.strip() == (
+        f"error: --distributed (process 1 of 2): could not reach the coordinator "
+        f"127.0.0.1:{port} within 3 s: start process 0 there, or check --coordinator-address")
+    first = start(flags(0, 2, "unused"))  # process 0 says 2 processes, process 1 says 3
+    time.sleep(0.5)
+    other = start(flags(1, 3, "unused"))
+    (_, err0), (_, err1) = first.communicate(timeout=60), other.communicate(timeout=60)
+    assert first.returncode == other.returncode == 1, err0 + err1
+    problem = "process 1 says --num-processes 3, process 0 says 2: give every process the same count"
+    assert err0.strip() == f"error: --distributed (process 0 of 2): {problem}"
+    assert err1.strip() == f"error: --distributed (process 1 of 3): process 0 refused the job: {problem}"
+    lonely = start(flags(0, 2, "unused"))  # process 1 never comes
+    _, err = lonely.communicate(timeout=60)
+    assert lonely.returncode == 1 and err.strip().splitlines() == [
+        "error: --distributed (process 0 of 2): process(es) 1 of --num-processes 2 did not join "
+        "within 3 s (joined: 0): check --num-processes and that every process was started with "
+        "the same --coordinator-address"]
+    assert time.monotonic() - started < 60
+    assert not pathlib.Path("unused").exists()
+
+
+def test_a_dead_process_stops_the_job(tmp_path, text_file):
+    """Process 1 is killed mid-run (no launcher, as under SLURM): process 0 stops within
+    the heartbeat timeout, naming it, and the checkpoint already written stays readable."""
+    from genjax.launch import free_port
+    from genjax.train.checkpoint import load_latest
+
+    port, run = free_port(), tmp_path / "run"
+    procs = [subprocess.Popen(
+        _gpt("--text-file", str(text_file), *TINY, "--max-iters", "1000000", "--eval-interval",
+             "500", "--host-devices",
+             "2", "--run-dir", str(run), "--distributed", "--coordinator-address",
+             f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+             "--distributed-timeout", "5"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV) for i in (0, 1)]
+    try:
+        lines = []
+        for line in procs[0].stdout:  # training has passed a checkpoint
+            lines.append(line)
+            if line.startswith("step 500:"):
+                break
+        assert lines and lines[-1].startswith("step 500:"), "".join(lines)
+        waited = time.monotonic()  # until step 500's checkpoint is committed (~1 s)
+        while not (run / "checkpoints" / "500").is_dir() and time.monotonic() - waited < 60:
+            time.sleep(0.05)
+        procs[1].kill()  # between two checkpoints (about 3 s apart)
+        killed = time.monotonic()
+        rest = procs[0].communicate(timeout=90)[0]
+        assert time.monotonic() - killed < 45
+        assert procs[0].returncode != 0, rest
+        # Our line when its step's collective fails first; else JAX's coordination service
+        # ends it (SIGABRT) once process 1 has missed its heartbeats for the timeout.
+        ours = rest.rstrip().endswith("process(es) 1 stopped; continue from the latest "
+                                      "checkpoint with --resume")
+        jaxs = "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in rest
+        assert ours or jaxs, rest[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    step, state, _ = load_latest(run, log=lambda line: None)
+    assert step == 500 and int(state["train"]["step"]) == step
+
+
+def test_the_launcher_leaves_no_process_behind_on_sigterm():
+    script = ("import os, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              "print('pid', os.getpid(), flush=True); time.sleep(120)")  # ignores SIGINT too
+    launcher = subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes", "2",
+                                 "--grace", "2", "--", sys.executable, "-c", script],
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    pids = [int(launcher.stdout.readline().split()[-1]) for _ in range(2)]
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)  # SIGINT, then SIGKILL after the grace period
+    assert launcher.returncode == 130
+    assert "genjax.launch: interrupted (Ctrl-C or SIGTERM), stopping every process" in err
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_vae_two_processes_equal_one(tmp_path, digits_dir):
+    """An image family, whose batches each process loads on the host (only its share):
+    2 processes x 2 devices equal 1 process x 4, and the job continues in 1 process as an
+    uninterrupted run does."""
+    def vae(*flags):
+        return [sys.executable, "-m", "experiments.vae_mnist", *flags]
+
+    base = vae("--data-dir", str(digits_dir), "--max-iters", "4", "--eval-interval", "2",
+               "--batch-size", "16", "--latent-dim", "2", "--iwae-k", "5", "--warmup-iters", "1",
+               "--learning-rate", "1e-3", "--min-lr", "1e-3", "--compile-cache", "none")
+    two, one = tmp_path / "two", tmp_path / "one"
+    launcher = _launch(2, base + ["--run-dir", str(two), "--host-devices", "2"])
+    _run(base + ["--run-dir", str(one), "--host-devices", "4", "--max-iters", "6"])
+    out = launcher.communicate(timeout=300)[0]
+    assert launcher.returncode == 0, out
+    assert "devices=4 (cpu) processes=2 global_batch=16" in out
+    _run(vae("--run-dir", str(two), "--resume", "--max-iters", "6", "--host-devices", "4"))
+    resumed, uninterrupted = _records(two), _records(one)
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [0, 2, 4, 6]
+    for a, b in zip(resumed, uninterrupted):
+        losses = [k for k in a if k in b and k.endswith(("_loss", "nats", "elbo", "nll"))]
+        assert "test_neg_elbo" in losses or "neg_elbo" in losses, sorted(a)
+        _same(a, b, losses)
