@@ -1,6 +1,7 @@
 """Character-level GPT on Tiny Shakespeare ("Let's build GPT", A. Karpathy, 2023).
 
     python -m experiments.gpt_shakespeare [train] [--preset cpu|lecture] [--max-iters N] ...
+    python -m experiments.gpt_shakespeare --stage {bigram,head,multihead,ffwd,residual,layernorm,full}
     python -m experiments.gpt_shakespeare sample --run-dir DIR [--prompt TEXT] ...
 
 config -> data -> state -> train/eval steps -> loop, the last four in ``genjax.train``.
@@ -17,12 +18,12 @@ import jax.numpy as jnp
 import tyro
 
 from genjax.data.text import DATA_DIR_ENV, CharTokenizer, load_text_data
-from genjax.models.gpt import GPT, GPTConfig, count_params
+from genjax.models.gpt import GPT, STAGES, GPTConfig, count_params
 from genjax.tasks.gpt import config_from_checkpoint, make_task
 from genjax.train.checkpoint import load_latest
 from genjax.train.cli import (RunArgs, check_experiment, enable_compile_cache, own_default,
                               parse_command, planned_batch_size, preset_default, resolve_configs,
-                              resumed_path, run_command, say, start_run)
+                              resumed_path, run_command, saved_config, say, start_run)
 from genjax.train.config import TrainConfig
 from genjax.train.loop import fit, is_main_process
 
@@ -47,6 +48,27 @@ PRESETS: dict[str, tuple[GPTConfig, TrainConfig]] = {
                     grad_clip=1.0, seed=1337),
     ),
 }
+
+
+# The lecture's stages before the full model (GPTConfig.stage), with its hyperparameters for
+# them: bigram.py for the bigram model (batch 32, block 8, learning rate 1e-2, 3000 steps,
+# an evaluation of 200 batches every 300), then the video's growing model (n_embd 32, 4 heads,
+# 3 blocks, learning rate 1e-3, 5000 steps, evaluated every 500), always torch's AdamW
+# defaults and no dropout. The full model is the lecture preset above.
+_LECTURE_ADAMW = dict(lr_schedule="constant", weight_decay=0.01, weight_decay_on="all",
+                      beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=None, seed=1337)
+STAGE_PRESETS: dict[str, tuple[GPTConfig, TrainConfig]] = {
+    "bigram": (GPTConfig(stage="bigram", block_size=8, n_layer=1, n_head=1, n_embd=32,
+                         dropout=0.0),
+               TrainConfig(max_iters=3000, eval_interval=300, eval_iters=200, batch_size=32,
+                           learning_rate=1e-2, **_LECTURE_ADAMW)),
+    **{stage: (GPTConfig(stage=stage, block_size=8, n_layer=3, n_head=4, n_embd=32,
+                         dropout=0.0),
+               TrainConfig(max_iters=5000, eval_interval=500, eval_iters=200, batch_size=32,
+                           learning_rate=1e-3, **_LECTURE_ADAMW))
+       for stage in ("head", "multihead", "ffwd", "residual", "layernorm")},
+}
+PRESETS.update(STAGE_PRESETS)  # (a resumed run names its stage's preset)
 
 
 def default_preset() -> str:
@@ -83,6 +105,12 @@ class Train(RunArgs):
     to TFDS as its manual_dir."""
     max_new_tokens: Annotated[Optional[int], own_default("INT")] = None
     """Length of the sample printed at the end (default: 500; on --resume, the run's)."""
+    stage: Annotated[Optional[Literal[STAGES]], own_default("{" + ",".join(STAGES) + "}")] = None
+    """A stage of the lecture: its model, with the lecture's hyperparameters for it
+    (bigram: a table of next-character logits; head: one self-attention head; multihead:
+    four; ffwd: a feed-forward layer after them; residual: three residual blocks; layernorm:
+    with LayerNorm; full: the final model, --preset's). Default: full; on --resume, the
+    run's."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +131,30 @@ class Sample:
     """Seed of the sampling key: the same seed and checkpoint give the same text."""
     compile_cache: Annotated[Optional[str], own_default("DIR")] = None
     """Folder of JAX's persistent compilation cache (as for train)."""
+
+
+def with_stage(args: Train) -> Train:
+    """``args`` with ``--stage`` turned into its preset (the stages before ``full`` are
+    presets named after them).
+
+    Raises:
+      ValueError: ``--preset`` with a stage other than ``full`` (the stage brings its own
+        hyperparameters), or ``--stage`` on ``--resume`` naming another stage than the run's.
+    """
+    if args.stage is None or args.stage == "full" and not args.resume:
+        return args
+    if args.resume:
+        saved = saved_config(args) or {}
+        ran = (saved.get("model") or {}).get("stage", "full")
+        if args.stage != ran:
+            raise ValueError(f"--stage {args.stage}: the run in {args.run_dir} trains stage "
+                             f"{ran}; drop --stage, or start a new --run-dir")
+        return args
+    if args.preset is not None:
+        raise ValueError(f"--preset {args.preset} sets the full model's hyperparameters, and "
+                         f"--stage {args.stage} comes with the lecture's own: drop --preset "
+                         "(flags such as --max-iters still override single values)")
+    return dataclasses.replace(args, preset=args.stage)
 
 
 def setup(args: Train) -> pathlib.Path:
@@ -149,6 +201,7 @@ def resolve(args: Train) -> tuple[str, GPTConfig, TrainConfig, dict, int]:
 
 def train(args: Train):
     """Run the training command; returns the :class:`genjax.train.loop.FitResult`."""
+    args = with_stage(args)
     run_dir = setup(args)
     preset, model_cfg, train_cfg, data_flags, max_new_tokens = resolve(args)
 
@@ -161,7 +214,8 @@ def train(args: Train):
     # state, steps, loop
     task = make_task(model_cfg, data, train_cfg.batch_size, train_cfg.eval_iters)
     n_params = count_params(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
-    say(f"GPT with {n_params / 1e6:.6f} M parameters, computing in {model_cfg.dtype}")
+    say(f"GPT{'' if model_cfg.stage == 'full' else f' (lecture stage {model_cfg.stage})'} "
+        f"with {n_params / 1e6:.6f} M parameters, computing in {model_cfg.dtype}")
     record = {"experiment": "gpt_shakespeare", "preset": preset,
               "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg),

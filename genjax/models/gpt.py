@@ -2,8 +2,10 @@
 
 A. Karpathy, 2023 (https://github.com/karpathy/ng-video-lecture, ``gpt.py``), after
 A. Vaswani et al., "Attention Is All You Need", NeurIPS 2017. The classes below follow the
-lecture top to bottom: a bigram baseline, one causal self-attention ``Head``, several heads
-in parallel, the feed-forward layer, the pre-LayerNorm residual ``Block`` and the ``GPT``.
+lecture top to bottom: a bigram baseline, the averaging of past tokens self-attention
+grows from (three forms), one causal self-attention ``Head``, several heads in parallel,
+the feed-forward layer, the pre-LayerNorm residual ``Block`` and the ``GPT``, which also
+builds each intermediate model of the lecture (``GPTConfig.stage``).
 
 Shapes in comments: B batch, T time (sequence position), C channels (``n_embd``),
 H heads, D head size (``n_embd // n_head``), V vocabulary.
@@ -32,6 +34,30 @@ import flax.linen as nn
 
 # The lecture repository's final init (``_init_weights``): N(0, 0.02) weights, zero biases.
 _weight_init = nn.initializers.normal(stddev=0.02)
+# Before it, the lecture's models kept PyTorch's defaults (``init_scheme="torch"``): nn.Embedding
+# N(0, 1); nn.Linear weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+INITS = ("lecture", "torch")
+
+
+def _uniform_fan_in(fan_in: int):
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                    -bound, bound)
+
+
+def _dense(features: int, fan_in: int, init: str, **kwargs) -> nn.Dense:
+    """``nn.Dense`` initialised as ``init`` says (``lecture``: N(0, 0.02) kernel, zero bias;
+    ``torch``: ``torch.nn.Linear``'s defaults for ``fan_in`` inputs)."""
+    if init == "torch":
+        return nn.Dense(features, kernel_init=_uniform_fan_in(fan_in),
+                        bias_init=_uniform_fan_in(fan_in), **kwargs)
+    return nn.Dense(features, kernel_init=_weight_init, **kwargs)
+
+
+def _embed(num: int, features: int, init: str, name: str) -> nn.Embed:
+    """``nn.Embed`` initialised N(0, 0.02) (``lecture``) or N(0, 1) (``torch``)."""
+    return nn.Embed(num, features, name=name, embedding_init=nn.initializers.normal(
+        stddev=1.0 if init == "torch" else 0.02))
 _LN_EPS = 1e-5  # torch.nn.LayerNorm's default; Flax's is 1e-6.
 
 
@@ -49,6 +75,15 @@ class GPTConfig:
       dtype: the products' dtype: ``float32``, or ``bfloat16`` for mixed precision (the
         parameters, the residual stream, LayerNorm statistics, softmax and logits stay
         float32). Not part of the checkpoint: a run may resume in the other dtype.
+      stage: the model of a stage of the lecture (:data:`STAGES`), ``full`` (default) the
+        final one. ``bigram``: a (V, V) table of next-token logits (uses ``vocab_size``
+        only). ``head``: token and position embeddings, one self-attention head of size C,
+        ``lm_head``. ``multihead``: ``n_head`` heads of size C / ``n_head``, concatenated,
+        not projected. ``ffwd``: then a C -> C ReLU layer. ``residual``: ``n_layer``
+        residual blocks (projected heads, C -> 4C -> C feed-forward), no LayerNorm.
+        ``layernorm``: pre-LayerNorm blocks and a final LayerNorm. ``full``: with dropout,
+        :class:`GPT` as the lecture ends. The stages before ``full`` have no dropout in
+        the lecture; ``dropout`` applies where a later stage has it.
 
     Raises:
       ValueError: on a non-positive size, ``n_embd`` not divisible by ``n_head``, a
@@ -62,6 +97,8 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.2
     dtype: Literal["float32", "bfloat16"] = "float32"
+    stage: Literal["bigram", "head", "multihead", "ffwd", "residual", "layernorm",
+                   "full"] = "full"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -77,6 +114,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
 
     @property
     def head_size(self) -> int:
@@ -86,8 +125,17 @@ class GPTConfig:
     def compute_dtype(self):
         return COMPUTE_DTYPES[self.dtype]
 
+    @property
+    def init(self) -> str:
+        """``lecture`` (N(0, 0.02), the lecture's final ``gpt.py``) for the full model;
+        ``torch`` (PyTorch's default initialisation, as the lecture's models had until
+        then) for the earlier stages."""
+        return "lecture" if self.stage == "full" else "torch"
+
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The lecture's models in the order it builds them (GPTConfig.stage).
+STAGES = ("bigram", "head", "multihead", "ffwd", "residual", "layernorm", "full")
 ATTENTION_IMPLEMENTATIONS = ("auto", "heads", "fused")
 
 
@@ -112,13 +160,44 @@ class BigramLanguageModel(nn.Module):
     """
 
     vocab_size: int
+    init_scheme: str = "lecture"  # or "torch": N(0, 1), as the lecture's bigram.py
 
     @nn.compact
     def __call__(self, idx, deterministic: bool = True):
         del deterministic  # no dropout in the bigram model; kept for a common interface
-        table = nn.Embed(self.vocab_size, self.vocab_size, embedding_init=_weight_init,
-                         name="token_embedding_table")
+        table = _embed(self.vocab_size, self.vocab_size, self.init_scheme,
+                       "token_embedding_table")
         return table(idx).astype(jnp.float32)  # (B, T, V)
+
+
+# --- The mathematical trick in self-attention: each position averages the past. ----------
+# Three ways the lecture writes xbow[b, t] = mean(x[b, :t + 1]); all take x (B, T, C) float
+# and return (B, T, C). The third is the form self-attention generalises: the zeros become
+# data-dependent scores (Head, below).
+
+
+def average_past_loop(x):
+    """Version 1: a loop over batch rows and positions, as the lecture writes it first."""
+    B, T, C = x.shape
+    return jnp.stack([jnp.stack([x[b, :t + 1].mean(axis=0) for t in range(T)])  # (T, C)
+                      for b in range(B)])                                         # (B, T, C)
+
+
+def average_past_matmul(x):
+    """Version 2: one product with a lower-triangular matrix whose rows sum to 1."""
+    T = x.shape[-2]
+    wei = jnp.tril(jnp.ones((T, T), x.dtype))      # (T, T)
+    wei = wei / wei.sum(axis=1, keepdims=True)     # row t: 1/(t+1) on positions 0..t
+    return wei @ x                                 # (T, T) @ (B, T, C) -> (B, T, C)
+
+
+def average_past_softmax(x):
+    """Version 3: zero scores, the future masked to -inf, a softmax over each row."""
+    T = x.shape[-2]
+    tril = jnp.tril(jnp.ones((T, T), dtype=bool))
+    wei = jnp.where(tril, 0.0, -jnp.inf)           # (T, T): affinities, none yet
+    wei = jax.nn.softmax(wei, axis=-1)             # the same averages as version 2
+    return wei.astype(x.dtype) @ x                 # (B, T, C)
 
 
 class Head(nn.Module):
@@ -132,12 +211,13 @@ class Head(nn.Module):
     head_size: int
     dropout: float
     dtype: jnp.dtype = jnp.float32
+    init_scheme: str = "lecture"  # see INITS
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         B, T, C = x.shape
-        dense = functools.partial(nn.Dense, self.head_size, use_bias=False,
-                                  kernel_init=_weight_init, dtype=self.dtype)
+        dense = functools.partial(_dense, self.head_size, C, self.init_scheme, use_bias=False,
+                                  dtype=self.dtype)
         k = dense(name="key")(x)    # (B, T, D)
         q = dense(name="query")(x)  # (B, T, D)
         v = dense(name="value")(x)  # (B, T, D)
@@ -154,20 +234,25 @@ class _HeadKernel(nn.Module):
     batched heads store it (for its fused computation)."""
 
     shape: tuple
+    init_scheme: str = "lecture"
 
     @nn.compact
     def __call__(self):
-        return self.param("kernel", _weight_init, self.shape, jnp.float32)
+        C = self.shape[1]  # (H, C, D): each head's fan-in is C
+        init = _uniform_fan_in(C) if self.init_scheme == "torch" else _weight_init
+        return self.param("kernel", init, self.shape, jnp.float32)
 
 
 class _QKVKernels(nn.Module):
     """The batched heads' query, key and value kernels, stacked: (3, H, C, D)."""
 
     shape: tuple
+    init_scheme: str = "lecture"
 
     @nn.compact
     def __call__(self):
-        return jnp.stack([_HeadKernel(self.shape, name=n)() for n in ("query", "key", "value")])
+        return jnp.stack([_HeadKernel(self.shape, self.init_scheme, name=n)()
+                          for n in ("query", "key", "value")])
 
 
 class MultiHeadAttention(nn.Module):
@@ -181,7 +266,8 @@ class MultiHeadAttention(nn.Module):
     for q, k and v of all heads, then ``jax.nn.dot_product_attention(is_causal=True)``
     (cuDNN's kernel on a GPU in bfloat16, else XLA's: :func:`_fused_attention`), or with dropout
     active the explicit softmax with one dropout draw for all heads (the masks differ from
-    ``heads``', their distribution does not). Input (B, T, C) -> output (B, T, C) in ``dtype``.
+    ``heads``', their distribution does not). Input (B, T, C) -> output (B, T, C) in
+    ``dtype`` (with ``project=False``, the concatenated heads (B, T, H * D), no dropout).
     """
 
     n_head: int
@@ -189,6 +275,8 @@ class MultiHeadAttention(nn.Module):
     dropout: float
     dtype: jnp.dtype = jnp.float32
     attention: str = "heads"
+    project: bool = True  # False: the heads concatenated only (the lecture's "multihead")
+    init_scheme: str = "lecture"  # see INITS
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
@@ -202,19 +290,21 @@ class MultiHeadAttention(nn.Module):
                 in_axes=(None, None),
                 out_axes=2,
                 axis_size=H,
-            )(D, self.dropout, self.dtype, name="heads")
+            )(D, self.dropout, self.dtype, self.init_scheme, name="heads")
             out = heads(x, deterministic)                 # (B, T, H, D)
         else:
             out = self._fused(x, deterministic)            # (B, T, H, D)
-        out = out.reshape(B, T, H * D)  # concat over heads: (B, T, C)
-        out = nn.Dense(C, kernel_init=_weight_init, dtype=self.dtype, name="proj")(out)
+        out = out.reshape(B, T, H * D)  # concat over heads: (B, T, HD)
+        if not self.project:
+            return out
+        out = _dense(C, H * D, self.init_scheme, dtype=self.dtype, name="proj")(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
     def _fused(self, x, deterministic):
         H, D = self.n_head, self.head_size
         B, T, C = x.shape
         # The vmapped heads' parameters, heads/{query,key,value}/kernel, each (H, C, D).
-        w = _QKVKernels((H, C, D), name="heads")()                      # (3, H, C, D)
+        w = _QKVKernels((H, C, D), self.init_scheme, name="heads")()    # (3, H, C, D)
         w = w.transpose(2, 0, 1, 3).reshape(C, 3 * H * D)                # (C, 3HD)
         qkv = x.astype(self.dtype) @ w.astype(self.dtype)                # (B, T, 3HD)
         q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 1, 3, 4)    # 3 x (B, T, H, D)
@@ -242,24 +332,33 @@ def _fused_attention(q, k, v):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: C -> 4C -> ReLU -> C, then dropout. (B, T, C) -> (B, T, C)."""
+    """Position-wise MLP: C -> 4C -> ReLU -> C, then dropout. (B, T, C) -> (B, T, C).
+
+    ``project=False`` is the lecture's first feed-forward layer (its ``ffwd`` stage):
+    C -> C -> ReLU, no second layer, no dropout."""
 
     n_embd: int
     dropout: float
     dtype: jnp.dtype = jnp.float32
+    project: bool = True
+    init_scheme: str = "lecture"  # see INITS
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        dense = functools.partial(nn.Dense, kernel_init=_weight_init, dtype=self.dtype)
-        x = dense(4 * self.n_embd)(x)  # (B, T, 4C)
+        C = self.n_embd
+        dense = functools.partial(_dense, init=self.init_scheme, dtype=self.dtype)
+        if not self.project:
+            return nn.relu(dense(C, C)(x))  # (B, T, C)
+        x = dense(4 * C, C)(x)          # (B, T, 4C)
         x = nn.relu(x)
-        x = dense(self.n_embd)(x)      # (B, T, C)
+        x = dense(C, 4 * C)(x)          # (B, T, C)
         return nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
 
 class Block(nn.Module):
     """Transformer block, pre-LayerNorm: x + sa(ln1(x)), then x + ffwd(ln2(x)). The
-    residual stream x (B, T, C) stays float32; LayerNorm takes its statistics in float32."""
+    residual stream x (B, T, C) stays float32; LayerNorm takes its statistics in float32.
+    At the lecture's ``residual`` stage (``config.stage``), without the LayerNorms."""
 
     config: GPTConfig
     attention: str = "heads"
@@ -268,16 +367,19 @@ class Block(nn.Module):
     def __call__(self, x, deterministic: bool = True):
         cfg, dtype = self.config, self.config.compute_dtype
         sa = MultiHeadAttention(cfg.n_head, cfg.head_size, cfg.dropout, dtype, self.attention,
-                                name="sa")
-        ffwd = FeedForward(cfg.n_embd, cfg.dropout, dtype, name="ffwd")
+                                init_scheme=cfg.init, name="sa")
+        ffwd = FeedForward(cfg.n_embd, cfg.dropout, dtype, init_scheme=cfg.init, name="ffwd")
         ln = functools.partial(nn.LayerNorm, epsilon=_LN_EPS, dtype=dtype)
+        if cfg.stage == "residual":  # the lecture adds the LayerNorms at the next stage
+            ln = lambda name: (lambda x: x)
         x = x + sa(ln(name="ln1")(x), deterministic)    # (B, T, C)
         x = x + ffwd(ln(name="ln2")(x), deterministic)  # (B, T, C)
         return x
 
 
 class GPT(nn.Module):
-    """The lecture's GPT language model.
+    """The lecture's GPT language model, or with ``config.stage`` one of the models it
+    builds on the way (:class:`GPTConfig`).
 
     ``apply({'params': p}, idx, deterministic)``: int32 token ids ``idx`` (B, T) with
     T <= block_size give float32 logits (B, T, V). With ``deterministic=False`` dropout is
@@ -299,16 +401,29 @@ class GPT(nn.Module):
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size={cfg.block_size}")
         attention = resolve_attention(self.attention)
-        tok_emb = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=_weight_init,
-                           name="token_embedding_table")(idx)                       # (B, T, C)
-        pos_emb = nn.Embed(cfg.block_size, cfg.n_embd, embedding_init=_weight_init,
-                           name="position_embedding_table")(jnp.arange(T))          # (T, C)
+        init = cfg.init
+        if cfg.stage == "bigram":
+            return BigramLanguageModel(cfg.vocab_size, init, name="bigram")(idx)  # (B, T, V)
+        dtype, C = cfg.compute_dtype, cfg.n_embd
+        tok_emb = _embed(cfg.vocab_size, C, init, "token_embedding_table")(idx)    # (B, T, C)
+        pos_emb = _embed(cfg.block_size, C, init, "position_embedding_table")(jnp.arange(T))
         x = tok_emb + pos_emb                                                      # (B, T, C)
-        for i in range(cfg.n_layer):
-            x = Block(cfg, attention, name=f"blocks_{i}")(x, deterministic)        # (B, T, C)
-        x = nn.LayerNorm(epsilon=_LN_EPS, dtype=cfg.compute_dtype, name="ln_f")(x)  # (B, T, C)
-        logits = nn.Dense(cfg.vocab_size, kernel_init=_weight_init, dtype=jnp.float32,
-                          name="lm_head")(x)                # (B, T, V), float32 in any dtype
+        if cfg.stage == "head":  # one head, of size C
+            x = Head(C, 0.0, dtype, init, name="sa_head")(x, deterministic)        # (B, T, C)
+        elif cfg.stage in ("multihead", "ffwd"):  # H heads of size C / H, concatenated
+            x = MultiHeadAttention(cfg.n_head, cfg.head_size, 0.0, dtype, attention,
+                                   project=False, init_scheme=init,
+                                   name="sa_heads")(x, deterministic)              # (B, T, C)
+            if cfg.stage == "ffwd":  # then each position thinks on what it gathered
+                x = FeedForward(C, 0.0, dtype, project=False, init_scheme=init,
+                                name="ffwd")(x)                                    # (B, T, C)
+        else:  # residual, layernorm, full: the blocks
+            for i in range(cfg.n_layer):
+                x = Block(cfg, attention, name=f"blocks_{i}")(x, deterministic)    # (B, T, C)
+            if cfg.stage != "residual":
+                x = nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, name="ln_f")(x)      # (B, T, C)
+        logits = _dense(cfg.vocab_size, C, init, dtype=jnp.float32,
+                        name="lm_head")(x)                  # (B, T, V), float32 in any dtype
         return logits.astype(jnp.float32)
 
     def init_params(self, key: jax.Array):

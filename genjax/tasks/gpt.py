@@ -15,9 +15,12 @@ from genjax.train.loop import Task
 def checkpoint_model_meta(config: GPTConfig) -> dict:
     """The model config as a checkpoint records it: the architecture, without the compute
     ``dtype`` (the parameters are float32 either way, so a run may resume in the other
-    dtype, and checkpoints of earlier versions still match)."""
+    dtype, and checkpoints of earlier versions still match) and, for the full model,
+    without its ``stage`` (as checkpoints of earlier versions)."""
     meta = dataclasses.asdict(config)
     del meta["dtype"]
+    if meta["stage"] == "full":
+        del meta["stage"]
     return meta
 
 
@@ -90,10 +93,15 @@ def config_from_checkpoint(meta: dict, params) -> GPTConfig:
         config = GPTConfig(**meta["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"the checkpoint's model config cannot be built ({e})") from None
+    if config.stage == "bigram":  # the table's rows and columns
+        table = params["bigram"]["token_embedding_table"]["embedding"].shape
+        rows, outputs = table[0], ("the bigram table's columns", table[1])
+    else:
+        rows = params["token_embedding_table"]["embedding"].shape[0]
+        outputs = ("lm_head's outputs", params["lm_head"]["kernel"].shape[-1])
     sizes = {"the saved vocabulary": len(meta.get("vocab") or ""),
              "the model config's vocab_size": config.vocab_size,
-             "the token embedding's rows": params["token_embedding_table"]["embedding"].shape[0],
-             "lm_head's outputs": params["lm_head"]["kernel"].shape[-1]}
+             "the token embedding's rows": rows, outputs[0]: outputs[1]}
     if len(set(sizes.values())) > 1:
         raise ValueError("the checkpoint disagrees with itself: " + ", ".join(
             f"{k} {v}" for k, v in sizes.items()) + "; it cannot be decoded reliably")
