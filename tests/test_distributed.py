@@ -252,7 +252,7 @@ def test_the_launcher_leaves_no_process_behind_on_sigterm():
 
 def test_vae_two_processes_equal_one(tmp_path, digits_dir):
     """An image family, whose batches each process loads on the host (only its share):
-    2 processes x 2 devices equal 1 process x 4, and the job continues in 1 process as an
+    2 processes x 1 device equal 1 process x 2, and the job continues in 1 process as an
     uninterrupted run does."""
     def vae(*flags):
         return [sys.executable, "-m", "experiments.vae_mnist", *flags]
@@ -261,12 +261,12 @@ def test_vae_two_processes_equal_one(tmp_path, digits_dir):
                "--batch-size", "16", "--latent-dim", "2", "--iwae-k", "5", "--warmup-iters", "1",
                "--learning-rate", "1e-3", "--min-lr", "1e-3")
     two, one = tmp_path / "two", tmp_path / "one"
-    launcher = _launch(2, base + ["--run-dir", str(two), "--host-devices", "2"])
-    _run(base + ["--run-dir", str(one), "--host-devices", "4", "--max-iters", "6"])
+    launcher = _launch(2, base + ["--run-dir", str(two), "--host-devices", "1"])
+    _run(base + ["--run-dir", str(one), "--host-devices", "2", "--max-iters", "6"])
     out = launcher.communicate(timeout=300)[0]
     assert launcher.returncode == 0, out
-    assert "devices=4 (cpu) processes=2 global_batch=16" in out
-    _run(vae("--run-dir", str(two), "--resume", "--max-iters", "6", "--host-devices", "4"))
+    assert "devices=2 (cpu) processes=2 global_batch=16" in out
+    _run(vae("--run-dir", str(two), "--resume", "--max-iters", "6", "--host-devices", "2"))
     resumed, uninterrupted = _records(two), _records(one)
     assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted] == [0, 2, 4, 6]
     for a, b in zip(resumed, uninterrupted):

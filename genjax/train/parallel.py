@@ -91,10 +91,6 @@ class Engine:
         """The sharding of every leaf of a state-like pytree (see :meth:`sharding_of`)."""
         return jax.tree.map(self.sharding_of, tree)
 
-    def put_state(self, tree):
-        """Put a pytree of state arrays where :meth:`state_sharding` says."""
-        return jax.device_put(tree, self.state_sharding(tree))
-
     def per_device_batch(self, global_batch: int) -> int:
         """Examples each device takes of a global batch (divisibility is checked by
         :func:`make_engine`)."""
@@ -109,8 +105,16 @@ class Engine:
     # -- placing arrays --------------------------------------------------------------
 
     def put_replicated(self, tree):
-        """Put a pytree (host or device arrays) on every device, as a replicated copy."""
-        return jax.device_put(tree, self.replicated)
+        """Put a pytree (host or device arrays) on every device, as a replicated copy. With
+        several processes each must pass the same values; each places its own copy."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def put(x):  # (device_put from one local device onto several processes' devices
+            x = np.asarray(x)  # can build an array that Orbax cannot save)
+            return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
 
     def put_batch(self, local_batch):
         """Make the global, device-sharded batch from this process's share of it.
