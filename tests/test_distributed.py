@@ -132,6 +132,14 @@ def test_distributed_flags_are_checked(tmp_path, text_file):
     with pytest.raises(SystemExit, match="--process-id 2 must lie in \\[0, --num-processes 2\\)"):
         exp.main(flags + ["--distributed", "--coordinator-address", "127.0.0.1:1",
                           "--num-processes", "2", "--process-id", "2"])
+    with pytest.raises(SystemExit, match="--coordinator-address '127.0.0.1' must be HOST:PORT"):
+        exp.main(flags + ["--distributed", "--coordinator-address", "127.0.0.1",
+                          "--num-processes", "2", "--process-id", "0"])
+    with pytest.raises(SystemExit, match="--distributed-timeout: only with --distributed"):
+        exp.main(flags + ["--distributed-timeout", "10"])
+    with pytest.raises(SystemExit, match="--distributed-timeout must be a number of seconds "
+                                         ">= 1, got 0.5"):
+        exp.main(flags + ["--distributed", "--distributed-timeout", "0.5"])
     assert not (tmp_path / "r").exists()
 
 

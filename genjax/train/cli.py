@@ -523,7 +523,7 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     """
     import jax
 
-    from genjax.train.distributed import JoinError, join
+    from genjax.train.distributed import JoinError, join, split_address
     from genjax.train.loop import check_run_dir
     from genjax.train.parallel import split_host_into_devices
 
@@ -559,6 +559,8 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
         if joining and not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
             raise ValueError(f"--process-id {args.process_id} must lie in [0, --num-processes "
                              f"{args.num_processes})")
+        if joining:
+            split_address(args.coordinator_address)  # a HOST:PORT, checked before anything
         if (jax._src.xla_bridge._backends or {}):
             raise ValueError("--distributed must come before JAX starts its backends")
         if joining:  # a rendezvous first, so that each failure is one line
