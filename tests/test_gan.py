@@ -223,20 +223,26 @@ def test_resume_and_eight_devices_equal_an_uninterrupted_run_on_one(tmp_path):
 
 def test_sharding_engine_step_equals_one_device():
     # Under jit over a mesh the batch is global: BatchNorm's statistics and z are those
-    # of one device.
-    from genjax.train.parallel import make_engine
+    # of one device. fsdp also shards the two players' parameters, optimizer states and
+    # BatchNorm statistics over the devices.
+    from genjax.train.parallel import make_engine, state_bytes_per_device
 
     results = []
-    for kind, n in (("none", 1), ("sharding", 8)):
+    for kind, n in (("none", 1), ("sharding", 8), ("fsdp", 8)):
         engine = make_engine(kind, n, 16)
         state, txs = fresh_state()
         step = engine.compile_train_step(make_updates(SMALL), txs)
-        state = engine.put_replicated(state)
+        state = jax.device_put(state, engine.state_sharding(state))
         for i in range(2):
             state, metrics = step(state, engine.put_batch(real_batch(16, seed=i)),
                                   engine.put_replicated(jax.random.PRNGKey(i)))
         results.append(jax.device_get((state.params, state.model_state, metrics)))
+        if kind == "sharding":
+            replicated = state_bytes_per_device(state)
+        if kind == "fsdp":
+            assert state_bytes_per_device(state) < replicated / 2
     chex.assert_trees_all_close(results[1], results[0], atol=1e-5)
+    chex.assert_trees_all_close(results[2], results[0], atol=1e-5)
 
 
 def test_task_needs_a_loss_or_updates_and_an_evaluation():
