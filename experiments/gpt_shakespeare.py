@@ -144,7 +144,9 @@ def with_stage(args: Train) -> Train:
     if args.stage is None or args.stage == "full" and not args.resume:
         return args
     if args.resume:
-        saved = saved_config(args) or {}
+        saved = saved_config(args)
+        if saved is None:  # (no record: the checkpoint's own model config decides)
+            return args
         ran = (saved.get("model") or {}).get("stage", "full")
         if args.stage != ran:
             raise ValueError(f"--stage {args.stage}: the run in {args.run_dir} trains stage "
@@ -271,7 +273,8 @@ def sample(args: Sample) -> str:
 def main(argv=None):
     """Entry point; bad input ends the program with one ``error: ...`` line (exit status 1)."""
     args = parse_command({"train": Train, "sample": Sample}, default="train", argv=argv,
-                         prog="python -m experiments.gpt_shakespeare", presets=PRESETS)
+                         prog="python -m experiments.gpt_shakespeare",
+                         presets={name: PRESETS[name] for name in ("lecture", "cpu")})
     return run_command(train if isinstance(args, Train) else sample, args)
 
 

@@ -60,10 +60,11 @@ def _relay(i: int, stream, lock: threading.Lock, muted: set) -> None:
 def launch(command, processes: int, port: Optional[int] = None, grace: float = GRACE_S) -> int:
     """Run ``command`` (a list of strings) as ``processes`` processes; returns the exit
     status: 0 when all succeed, the first failing process's status (128 + N for one
-    killed by signal N, as a shell reports it), or 130 after Ctrl-C.
+    killed by signal N, as a shell reports it), 127 when the command cannot be started, or
+    130 after Ctrl-C or SIGTERM.
 
     Raises:
-      ValueError: no command, or fewer than 1 process.
+      ValueError: no command, fewer than 1 process, or a negative ``grace``.
     """
     if not command:
         raise ValueError("give the command after --, e.g. python -m genjax.launch "
@@ -76,29 +77,29 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
     lock = threading.Lock()
     muted: set = set()  # processes whose output is no longer shown
     procs, relays = [], []
-    for i in range(processes):
-        p = subprocess.Popen(
-            list(command) + ["--distributed", "--coordinator-address", f"127.0.0.1:{port}",
-                             "--num-processes", str(processes), "--process-id", str(i)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        relays.append(threading.Thread(target=_relay, args=(i, p.stdout, lock, muted),
-                                       daemon=True))
-        relays[-1].start()
-        procs.append(p)
     status = 0
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # (a scheduler's stop too)
     try:
+        for i in range(processes):
+            p = subprocess.Popen(
+                list(command) + ["--distributed", "--coordinator-address", f"127.0.0.1:{port}",
+                                 "--num-processes", str(processes), "--process-id", str(i)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            relays.append(threading.Thread(target=_relay, args=(i, p.stdout, lock, muted),
+                                           daemon=True))
+            relays[-1].start()
+            procs.append(p)
         while None in [p.poll() for p in procs]:  # (every process polled each round)
             failed = [(i, p.returncode) for i, p in enumerate(procs)
                       if p.returncode not in (None, 0)]
             if failed:
+                failed.sort(key=lambda f: f[1] >= 0)  # a death by signal first
                 i, status = failed[0]
                 relays[i].join(timeout=5)  # its last lines first
                 with lock:  # the others' errors from here on follow from this one
                     muted.update(set(range(processes)) - {i})
                 print(f"genjax.launch: process {i} {_ended(status)}; stopping the others "
                       "(their output from here on is not shown)", file=sys.stderr, flush=True)
-                status = status if status > 0 else 128 - status  # as a shell reports a signal
                 break
             time.sleep(0.2)
         else:
@@ -111,14 +112,25 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
                                                     for i, status in failed),
                       file=sys.stderr, flush=True)
             status = failed[0][1] if failed else 0
-            status = status if status >= 0 else 128 - status
+        status = status if status >= 0 else 128 - status  # as a shell reports a signal
+    except OSError as e:  # the command cannot be started
+        print(f"genjax.launch: cannot start {command[0]!r} ({e.strerror or e}); stopping "
+              f"the {len(procs)} started", file=sys.stderr, flush=True)
+        status = 127
     except KeyboardInterrupt:
         print("genjax.launch: interrupted (Ctrl-C or SIGTERM), stopping every process",
               file=sys.stderr, flush=True)
         status = 130
+    try:  # (SIGTERM still handled: a second one cannot leave processes behind)
+        _stop(procs, grace)
     finally:
+        for p in procs:  # whatever interrupted the stop: nothing outlives the launcher
+            if p.poll() is None:
+                p.kill()
+                p.wait()
         signal.signal(signal.SIGTERM, previous)
-    _stop(procs, grace)
+    for relay in relays:  # the last lines of every process
+        relay.join(timeout=5)
     return status
 
 
@@ -137,17 +149,24 @@ def _ended(status: int) -> str:
 
 
 def _stop(procs, grace: float) -> None:
-    """SIGINT to each running process, SIGKILL to any still running after ``grace`` s."""
+    """SIGINT to each running process, SIGKILL to any still running after ``grace`` s. A
+    further Ctrl-C or SIGTERM meanwhile kills them at once."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGINT)
     deadline = time.monotonic() + grace
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def main(argv=None) -> int:

@@ -43,15 +43,19 @@ def test_each_stage_has_the_lectures_size_and_shapes(stage):
     params = GPT(config).init_params(jax.random.PRNGKey(0))
     T = config.block_size
     idx = jax.random.randint(jax.random.PRNGKey(1), (3, T), 0, 65)
-    logits = GPT(config).apply({"params": params}, idx)
+    apply = jax.jit(GPT(config).apply)
+    logits = apply({"params": params}, idx)
     assert logits.shape == (3, T, 65) and logits.dtype == jnp.float32
-    # causal: changing the tokens after position t changes no logits up to t
     for t in range(T - 1):
+        # causal: changing the tokens after position t changes no logits up to t
         changed = idx.at[:, t + 1:].set((idx[:, t + 1:] + 7) % 65)
-        other = GPT(config).apply({"params": params}, changed)
+        other = apply({"params": params}, changed)
         np.testing.assert_allclose(other[:, :t + 1], logits[:, :t + 1], atol=1e-6)
-        if stage != "bigram":  # the attention stages see the past: later logits move
-            assert not np.allclose(other[:, t + 1:], logits[:, t + 1:], atol=1e-6)
+        # the past: the tokens before t + 1 move its logits in the attention stages only
+        changed = idx.at[:, :t + 1].set((idx[:, :t + 1] + 7) % 65)
+        other = apply({"params": params}, changed)
+        moved = not np.allclose(other[:, t + 1], logits[:, t + 1], atol=1e-6)
+        assert moved == (stage != "bigram"), (stage, t)
     # the stages before the full model keep PyTorch's default init, as the lecture's did
     emb = params["bigram"] if stage == "bigram" else params
     assert abs(float(emb["token_embedding_table"]["embedding"].std()) - 1.0) < 0.1

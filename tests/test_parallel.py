@@ -92,7 +92,7 @@ def test_replicas_stay_identical(kind, play_text):
 
 @pytest.mark.parametrize("first, second", [
     (dict(parallel="pmap", devices=8), dict(parallel="none", devices=1)),
-    (dict(parallel="none", devices=1), dict(parallel="sharding", devices=8)),
+    (dict(parallel="none", devices=1), dict(parallel="fsdp", devices=8)),  # state sharded
 ])
 def test_checkpoints_move_between_device_counts(first, second, tmp_path, play_text):
     task, _, _ = tiny_gpt_task(play_text, dropout=0.0, batch_size=16)
@@ -149,6 +149,31 @@ def test_batches_drawn_inside_the_step_equal_host_batches(play_text):
     assert int(state_in.step) == 3
     chex.assert_trees_all_close(jax.device_get(state_in.params),
                                 jax.device_get(state_host.params), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sharding", "fsdp"])
+def test_a_batch_drawn_inside_the_step_is_split_over_the_devices(kind):
+    # Under jit over a mesh the batch drawn inside the step is constrained to P('data'):
+    # each device computes on its share (fsdp shards the state as well, not instead).
+    seen = []
+
+    def loss_fn(params, batch, key, train):
+        jax.debug.inspect_array_sharding(batch, callback=seen.append)
+        return jnp.mean((batch @ params["w"]) ** 2), {}
+
+    engine = make_engine(kind, 8, 16)
+    tx = optax.sgd(0.1)
+    step = engine.compile_train_step(
+        loss_fn, tx, batch_fn=lambda key, i: jax.random.normal(jax.random.fold_in(key, i),
+                                                               (16, 64)))
+    state = create_train_state({"w": jnp.ones((64, 32))}, tx)
+    state = jax.device_put(state, engine.state_sharding(state))
+    key = engine.put_replicated(jax.random.PRNGKey(0))
+    state, metrics = step(state, key, key)
+    jax.block_until_ready(metrics)
+    assert seen and all(s.spec[0] == "data" and len(s.device_set) == 8 for s in seen), seen
+    w = state.params["w"].sharding
+    assert w.is_fully_replicated == (kind == "sharding")  # (64, 32): fsdp splits the 64
 
 
 @pytest.mark.parametrize("kind,n_devices", [("pmap", 8), ("sharding", 8), ("none", 1)])

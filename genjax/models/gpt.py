@@ -48,6 +48,8 @@ def _uniform_fan_in(fan_in: int):
 def _dense(features: int, fan_in: int, init: str, **kwargs) -> nn.Dense:
     """``nn.Dense`` initialised as ``init`` says (``lecture``: N(0, 0.02) kernel, zero bias;
     ``torch``: ``torch.nn.Linear``'s defaults for ``fan_in`` inputs)."""
+    if init not in INITS:
+        raise ValueError(f"init_scheme must be one of {INITS}, got {init!r}")
     if init == "torch":
         return nn.Dense(features, kernel_init=_uniform_fan_in(fan_in),
                         bias_init=_uniform_fan_in(fan_in), **kwargs)
@@ -83,11 +85,13 @@ class GPTConfig:
         residual blocks (projected heads, C -> 4C -> C feed-forward), no LayerNorm.
         ``layernorm``: pre-LayerNorm blocks and a final LayerNorm. ``full``: with dropout,
         :class:`GPT` as the lecture ends. The stages before ``full`` have no dropout in
-        the lecture; ``dropout`` applies where a later stage has it.
+        the lecture; ``dropout`` applies where a later stage has it. Attention scores are
+        scaled by ``head_size ** -0.5`` at every stage, as the lecture's repository (the
+        video's first version scaled by ``n_embd ** -0.5``, a slip it corrects).
 
     Raises:
       ValueError: on a non-positive size, ``n_embd`` not divisible by ``n_head``, a
-        dropout outside [0, 1) or an unknown dtype, naming the bad value.
+        dropout outside [0, 1), an unknown dtype or stage, naming the bad value.
     """
 
     vocab_size: int = 65
@@ -177,14 +181,16 @@ class BigramLanguageModel(nn.Module):
 
 
 def average_past_loop(x):
-    """Version 1: a loop over batch rows and positions, as the lecture writes it first."""
+    """Version 1: a loop over batch rows and positions, as the lecture writes it first.
+    x: (B, T, C) float -> (B, T, C), row t the mean of rows 0..t."""
     B, T, C = x.shape
     return jnp.stack([jnp.stack([x[b, :t + 1].mean(axis=0) for t in range(T)])  # (T, C)
                       for b in range(B)])                                         # (B, T, C)
 
 
 def average_past_matmul(x):
-    """Version 2: one product with a lower-triangular matrix whose rows sum to 1."""
+    """Version 2: one product with a lower-triangular matrix whose rows sum to 1.
+    x: (..., T, C) float -> the same shape."""
     T = x.shape[-2]
     wei = jnp.tril(jnp.ones((T, T), x.dtype))      # (T, T)
     wei = wei / wei.sum(axis=1, keepdims=True)     # row t: 1/(t+1) on positions 0..t
@@ -192,7 +198,8 @@ def average_past_matmul(x):
 
 
 def average_past_softmax(x):
-    """Version 3: zero scores, the future masked to -inf, a softmax over each row."""
+    """Version 3: zero scores, the future masked to -inf, a softmax over each row.
+    x: (..., T, C) float -> the same shape."""
     T = x.shape[-2]
     tril = jnp.tril(jnp.ones((T, T), dtype=bool))
     wei = jnp.where(tril, 0.0, -jnp.inf)           # (T, T): affinities, none yet

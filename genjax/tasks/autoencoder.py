@@ -83,11 +83,11 @@ def final_figures(config: AEConfig, result: FitResult, data: ImageData, scores: 
                   anomaly_digit: Optional[int]) -> None:
     """The figures of the trained model in its run directory: ``latent-scatter.png`` of
     the held-out codes (latent_dim 2) and ``roc.png`` (with ``anomaly_digit``)."""
-    if not is_main_process():
+    params = result.engine.to_single_device(result.state.params)  # (every process: fsdp
+    if not is_main_process():                                     # gathers collectively)
         return
     model = AutoEncoder(config)
     run_dir = result.run_dir
-    params = result.engine.to_single_device(result.state.params)
     if config.latent_dim == 2:
         encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoEncoder.encode))
         codes = np.asarray(encode(params, data.test_images))

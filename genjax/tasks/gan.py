@@ -167,9 +167,9 @@ def make_task(config: GANConfig, data: ImageData, batch_size: int, run_dir,
 def final_figures(config: GANConfig, result: FitResult, data: ImageData, n: int = 32) -> None:
     """``real-vs-generated.png`` in the run directory: ``n`` held-out images beside ``n``
     samples of the trained generator."""
-    if not is_main_process():
+    variables = result.engine.to_single_device(result.state.variables)  # (every process:
+    if not is_main_process():                                           # fsdp gathers)
         return
-    variables = result.engine.to_single_device(result.state.variables)
     fake = sample_images(make_sampler(config), variables, jax.random.PRNGKey(1), n,
                          config.latent_dim)
     viz.save_side_by_side(result.run_dir / "real-vs-generated.png", data.test_images[:n], fake,

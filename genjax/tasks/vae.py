@@ -114,11 +114,11 @@ def make_task(config: VAEConfig, data: ImageData, batch_size: int, run_dir, iwae
 def final_figures(config: VAEConfig, result: FitResult, data: ImageData) -> None:
     """The figures of the trained model in its run directory: ``interpolation.png`` (a
     line in z between two held-out digits) and, for latent_dim 2, ``manifold.png``."""
-    if not is_main_process():
+    params = result.engine.to_single_device(result.state.params)  # (every process: fsdp
+    if not is_main_process():                                     # gathers collectively)
         return
     model, run_dir = VAE(config), result.run_dir
     decode = make_decoder(model)
-    params = result.engine.to_single_device(result.state.params)
     encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VAE.encode)[0])
     pair = np.asarray(encode(params, data.test_images[:2]))
     t = np.linspace(0.0, 1.0, 10)[:, None]

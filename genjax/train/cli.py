@@ -103,11 +103,18 @@ def _description(cls: type, presets: Optional[Mapping[str, tuple]]) -> str:
     return text + "\n\nPresets (the values of the flags left out):\n\n" + "\n\n".join(lines)
 
 
+# How XLA's runtime errors say that a peer process is gone (gloo's TCP pairs, the
+# coordination service): other runtime errors (out of memory, ...) are this process's own.
+_LOST_PEER = ("gloo", "connection reset", "connection closed", "connection refused",
+              "broken pipe", "unavailable", "deadline_exceeded", "heartbeat")
+
+
 def _failed_collective(e: BaseException) -> bool:
-    """Whether ``e`` is XLA's runtime error inside a job of several JAX processes."""
+    """Whether ``e`` is XLA's runtime error for a lost peer inside a job of several JAX
+    processes."""
     jax = sys.modules.get("jax")
     return (jax is not None and isinstance(e, jax.errors.JaxRuntimeError)
-            and jax.process_count() > 1)
+            and jax.process_count() > 1 and any(m in str(e).lower() for m in _LOST_PEER))
 
 
 _job_timeout_s: list = [None]  # --distributed-timeout of this process's job, once joined
@@ -143,8 +150,9 @@ def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
     checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
     status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (no
-    traceback). In a job of several processes, a failed collective (another process died)
-    is one ``error: ...`` line and exit status 1, at once."""
+    traceback). In a job of several processes, a collective that failed because another
+    process is gone is one ``error: ...`` line naming it (once JAX's coordination service
+    has missed its heartbeats, at most ``--distributed-timeout`` seconds) and exit status 1."""
     from genjax.data.tfds import DataUnavailableError
     from genjax.train.checkpoint import CheckpointError
     from genjax.train.loop import DivergedError, RunInterrupted
@@ -168,6 +176,7 @@ def run_command(fn, args):
             gone = _gone_processes()
             who = (f"process(es) {', '.join(map(str, gone))} stopped" if gone else
                    "another process has stopped or cannot be reached")
+            sys.stdout.flush()
             print(f"error: process {jax.process_index()} of {jax.process_count()}: a "
                   f"collective across the job's processes failed ({first}): {who}; continue "
                   "from the latest checkpoint with --resume", file=sys.stderr, flush=True)

@@ -23,6 +23,7 @@ import socket
 import time
 
 POLL_S = 0.2  # between attempts to reach the coordinator
+ACK_S = 10.0  # how long process 0's answer and each process's confirmation may travel
 
 
 class JoinError(RuntimeError):
@@ -101,7 +102,9 @@ def _gather(port: int, num_processes: int, timeout: float) -> None:
             if socket.has_dualstack_ipv6() else socket.create_server(("", port))
     except OSError as e:
         raise JoinError(f"process 0 cannot listen on port {port} of --coordinator-address "
-                        f"({e.strerror or e}): choose a free port") from None
+                        f"({e.strerror or e}): another program, or another process that "
+                        "says --process-id 0, holds it; choose a free port, and one process "
+                        "0") from None
     joined: set[int] = set()
     conns: list[socket.socket] = []
     problem = None
@@ -110,12 +113,18 @@ def _gather(port: int, num_processes: int, timeout: float) -> None:
             server.settimeout(max(deadline - time.monotonic(), 0.01))
             try:
                 conn, _ = server.accept()
-                said = _receive(conn, deadline)
             except (socket.timeout, OSError):
                 break  # the deadline passed
             conns.append(conn)
+            try:
+                said = _receive(conn, deadline)
+            except (socket.timeout, OSError):
+                said = {}
             i, n = said.get("process_id"), said.get("num_processes")
-            if n != num_processes:
+            if not said:
+                problem = (f"a program that is not a process of this job connected to port "
+                           f"{port} and said nothing genjax reads: choose another port")
+            elif n != num_processes:
                 problem = (f"process {i} says --num-processes {n}, process 0 says "
                            f"{num_processes}: give every process the same count")
             elif not isinstance(i, int) or not 0 < i < num_processes or i in joined:
@@ -132,10 +141,18 @@ def _gather(port: int, num_processes: int, timeout: float) -> None:
         for conn in conns:
             try:
                 _send(conn, {"ok": problem is None, "error": problem})
-                if problem is None:  # the peer closes first, so that the port is free again
-                    _receive(conn, time.monotonic() + 5)
             except OSError:
                 pass
+        if problem is None:  # each confirms, then closes first (the port is free again)
+            for conn in conns:
+                try:
+                    confirmed = _receive(conn, time.monotonic() + ACK_S).get("ack")
+                    _receive(conn, time.monotonic() + ACK_S)  # until it has closed
+                except (socket.timeout, OSError):
+                    confirmed = False
+                if not confirmed:
+                    problem = "a process left before the job started (it gave up waiting)"
+        for conn in conns:
             conn.close()
     if problem is not None:
         raise JoinError(problem)
@@ -159,7 +176,10 @@ def _report(host: str, port: int, num_processes: int, process_id: int,
     with conn:
         try:
             _send(conn, {"process_id": process_id, "num_processes": num_processes})
-            answer = _receive(conn, deadline + 5)  # process 0 answers at its deadline
+            # process 0 answers by its own deadline: at most `timeout` after this connection
+            answer = _receive(conn, time.monotonic() + timeout + ACK_S)
+            if answer.get("ok"):
+                _send(conn, {"ack": True})
         except OSError:
             answer = {}
     if not answer:

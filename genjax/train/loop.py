@@ -316,7 +316,8 @@ class FitResult:
     """What :func:`fit` returns.
 
     Attributes:
-      state: the final :class:`TrainState` (replicated over the engine's devices).
+      state: the final :class:`TrainState`, on the engine's devices (replicated, or under
+        ``fsdp`` sharded as :meth:`~genjax.train.parallel.Engine.state_sharding` says).
       history: the evaluation records written to ``metrics.jsonl`` by this call.
       engine: the engine used (``engine.to_single_device(state.variables)`` for sampling).
       keys: the run's PRNG keys (``init``, ``data``, ``dropout``, ``eval``).
@@ -463,8 +464,8 @@ def evaluate(task: Task, engine: Engine, eval_step, variables, key: jax.Array,
              global_batch: int) -> dict:
     """Mean eval metrics of each split, as ``{split}_{metric}`` floats (dropout off).
 
-    ``variables`` (the parameters, or the Flax variables of a model with state) are
-    replicated on the engine's devices; each split's batches come from
+    ``variables`` (the parameters, or the Flax variables of a model with state) are on
+    the engine's devices (placed as the train state); each split's batches come from
     ``task.eval_batches(split, fold_in(key, split index), start, stop)``, where
     ``[start, stop)`` is this process's share of a global batch of ``global_batch``.
     """

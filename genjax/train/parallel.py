@@ -184,7 +184,8 @@ class Engine:
                 objective, tx, batch_fn, schedule,
                 axis_name=PMAP_AXIS if self.kind == "pmap" else None,
                 n_shares=self.n_devices,
-                batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
+                batch_sharding=(self.batch_sharding if self.kind in ("sharding", "fsdp")
+                                else None))
             if self.kind == "pmap":
                 return self._pmap_replicated(step, 3, out_axes=(None, None), donate_argnums=0)
             second = self.replicated  # the data key
@@ -212,12 +213,14 @@ class Engine:
         ``batch_fn``: traceable ``(split, key) -> global batch``. See
         :func:`genjax.train.steps.make_batch_drawing_eval` (metrics named
         ``{split}_{name}``, means over ``n_batches`` batches per split). ``variables``
-        and ``key`` are replicated arrays; so are the returned metrics.
+        are placed as the train state (:meth:`state_sharding`), ``key`` and the returned
+        metrics are replicated.
         """
         evaluate = make_batch_drawing_eval(
             objective, batch_fn, splits, n_batches,
             axis_name=PMAP_AXIS if self.kind == "pmap" else None, n_shares=self.n_devices,
-            batch_sharding=self.batch_sharding if self.kind == "sharding" else None)
+            batch_sharding=(self.batch_sharding if self.kind in ("sharding", "fsdp")
+                                else None))
         if self.kind == "pmap":
             return self._pmap_replicated(evaluate, 2, out_axes=None)
         if self.kind in ("sharding", "fsdp"):
@@ -310,7 +313,7 @@ def make_engine(kind: str = "pmap", n_devices: Optional[int] = None,
                          f"{available[0].platform} device(s) (global batch {global_batch})")
     if kind == "none" and n_devices != 1:
         raise ValueError(f"--parallel none runs on one device, but --devices {n_devices} was "
-                         "asked: use --parallel pmap or sharding")
+                         "asked: use --parallel pmap, sharding or fsdp")
     if jax.process_count() > 1 and n_devices != len(available):
         raise ValueError(f"with {jax.process_count()} processes every device takes part: "
                          f"--devices {n_devices} != {len(available)}")
