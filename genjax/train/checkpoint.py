@@ -227,7 +227,8 @@ class Checkpointer:
 
 def abstract_like(tree, sharding=None):
     """``jax.ShapeDtypeStruct`` s shaped like ``tree``, optionally with one ``sharding``
-    for every leaf or a pytree of them shaped like ``tree``."""
+    for every leaf or a pytree of them with ``tree``'s structure (``jax.tree.map`` raises
+    ``ValueError`` when the structures differ)."""
     if sharding is None or isinstance(sharding, jax.sharding.Sharding):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                             tree)

@@ -106,7 +106,9 @@ class Engine:
 
     def put_replicated(self, tree):
         """Put a pytree (host or device arrays) on every device, as a replicated copy. With
-        several processes each must pass the same values; each places its own copy."""
+        several processes each must pass the same values, as host arrays or arrays this
+        process holds whole (raw uint32 PRNG keys, not typed ``jax.random.key`` s); each
+        places its own copy."""
         if jax.process_count() == 1:
             return jax.device_put(tree, self.replicated)
 
