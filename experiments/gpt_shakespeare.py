@@ -210,7 +210,9 @@ def train(args: Train):
     # data
     data = load_text_data(model_cfg.block_size, **data_flags)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=data.tokenizer.vocab_size)
-    say(f"preset {preset}; {len(data.train):,} training / {len(data.val):,} validation "
+    setting = (f"preset {preset}" if model_cfg.stage == "full"
+               else f"lecture stage {model_cfg.stage} (its own settings)")
+    say(f"{setting}; {len(data.train):,} training / {len(data.val):,} validation "
         f"characters, vocabulary {data.tokenizer.vocab_size}; run dir {run_dir}")
 
     # state, steps, loop
