@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -321,6 +322,51 @@ def test_sigint_stops_a_run_at_any_moment(tmp_path, text_file):
             found = re.search(r"the latest checkpoint is step (\d+): continue with --resume",
                               lines[0])
             assert found and int(found[1]) >= 40 and int(found[1]) % 40 == 0, out
+
+
+def test_a_closed_output_stops_a_run_as_ctrl_c(tmp_path, text_file):
+    # `| head`: the reader of standard output leaves. Lines reach it as they are written
+    # (line-buffered even without -u), and the run then stops at its next step, saying on
+    # stderr where it stands, instead of failing with "[Errno 32] Broken pipe".
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.gpt_shakespeare", "--text-file", str(text_file),
+           "--run-dir", str(run), "--max-iters", "100000", "--eval-interval", "40",
+           "--eval-iters", "2", "--batch-size", "8", "--block-size", "16", "--n-layer", "1",
+           "--n-head", "2", "--n-embd", "16", "--warmup-iters", "1", "--host-devices", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "XLA_FLAGS": "", "TQDM_DISABLE": "1"})
+    timer = threading.Timer(120, proc.kill)  # block-buffered, "step 40:" would not come
+    timer.start()
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 40:"):
+                break
+        proc.stdout.close()  # the reader goes
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        timer.cancel()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Broken pipe" not in err and "Exception" not in err, err
+    (line,) = err.strip().splitlines()
+    found = re.fullmatch(r"stopped \(standard output was closed\) after step \d+; the latest "
+                         r"checkpoint is step (\d+): continue with --resume --run-dir .*", line)
+    assert found and int(found[1]) % 40 == 0 and saved_steps(run)[-1] == int(found[1]), err
+
+
+def test_a_run_asked_to_stop_before_training_writes_nothing(tmp_path, text_file, capsys):
+    from genjax.train import loop
+
+    run = tmp_path / "run"
+    loop.request_stop("standard output was closed")  # (as the reader leaving would)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            exp.main(["--text-file", str(text_file), "--run-dir", str(run), *TINY_FLAGS])
+    finally:
+        loop.request_stop(None)
+    assert exit_.value.code == 130 and not run.exists()
+    assert (f"stopped before training: standard output was closed; nothing was written in "
+            f"{run}") in capsys.readouterr().err
 
 
 def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path, text_file):

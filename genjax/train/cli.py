@@ -146,22 +146,86 @@ def _gone_processes() -> list[int]:
     return sorted(found) if not asking.is_alive() else []
 
 
+class _ReaderGoneGuard:
+    """Standard output whose reader may leave (``| head``): the first write or flush that
+    meets a broken pipe points the file descriptor at ``/dev/null`` (what follows, and what
+    was still buffered, is discarded, as Unix tools do) and asks a training run to stop
+    (:func:`genjax.train.loop.request_stop`), instead of an ``error: [Errno 32] Broken pipe``
+    that ends the run wherever it is."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.gone = False
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self):
+        from genjax.train.loop import request_stop
+
+        if not self.gone:
+            self.gone = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            request_stop("standard output was closed")
+        try:  # what was buffered goes to /dev/null now
+            self._stream.flush()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
     checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
     status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (no
     traceback). In a job of several processes, a collective that failed because another
     process is gone is one ``error: ...`` line naming it (once JAX's coordination service
-    has missed its heartbeats, at most ``--distributed-timeout`` seconds) and exit status 1."""
+    has missed its heartbeats, at most ``--distributed-timeout`` seconds) and exit status 1.
+
+    Standard output is line-buffered, so a log file or ``| tee`` shows each line as it is
+    written. If its reader goes away (``| head``), what is printed after is discarded and
+    a training run of one process stops as on Ctrl-C, saying so on stderr (exit status
+    130; a run that had not started writes nothing)."""
     from genjax.data.tfds import DataUnavailableError
     from genjax.train.checkpoint import CheckpointError
-    from genjax.train.loop import DivergedError, RunInterrupted
+    from genjax.train.loop import DivergedError, RunInterrupted, request_stop
 
+    stdout = sys.stdout
+    if hasattr(stdout, "reconfigure") and hasattr(stdout, "fileno"):
+        try:
+            stdout.fileno()
+            stdout.reconfigure(line_buffering=True)
+            sys.stdout = _ReaderGoneGuard(stdout)
+        except (OSError, ValueError):  # not a file (a test's capture): left as it is
+            pass
+    try:
+        return _run(fn, args, (DataUnavailableError, CheckpointError, DivergedError),
+                    RunInterrupted)
+    finally:
+        sys.stdout = stdout
+        request_stop(None)
+
+
+def _run(fn, args, errors: tuple, interrupted):
     try:
         return fn(args)
-    except (ValueError, OSError, DataUnavailableError, CheckpointError, DivergedError) as e:
+    except (ValueError, OSError, *errors) as e:
         raise SystemExit(f"error: {e}") from e
-    except RunInterrupted:  # fit has said where the run stands, in one line
+    except interrupted:  # fit has said where the run stands, in one line
         raise SystemExit(130) from None
     except KeyboardInterrupt:  # before or after training
         print("interrupted: nothing more was saved", file=sys.stderr)

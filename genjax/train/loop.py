@@ -160,7 +160,9 @@ class _LossPlot:
 
         self.run_dir, self.name, self.records, self.log = run_dir, name, [], log
         self.pool = concurrent.futures.ThreadPoolExecutor(1) if enabled else None
-        self.pending = None
+        # matplotlib's imports and font loading (most of a first drawing's ~0.4 s) now,
+        # beside compilation, rather than inside the first timed steps
+        self.pending = self.pool.submit(self._warm_up) if enabled else None
         path = run_dir / "metrics.jsonl"
         if enabled and path.is_file():  # a resumed run's records so far
             for line in path.read_text().splitlines():
@@ -177,6 +179,14 @@ class _LossPlot:
         self.records.append(record)
         self.wait()
         self.pending = self.pool.submit(self._draw, list(self.records))
+
+    def _warm_up(self) -> None:
+        try:
+            from genjax.viz import save_loss_curves
+
+            save_loss_curves(os.devnull, {self.name: [{"step": 0, "loss": 1.0}]})
+        except Exception:  # the first real drawing will say what is wrong
+            pass
 
     def _draw(self, records) -> None:
         try:
@@ -261,6 +271,24 @@ class RunInterrupted(KeyboardInterrupt):
 class DivergedError(RuntimeError):
     """A training loss or the parameters became non-finite (nan or inf). The message names
     the step and the last checkpoint saved, which holds finite parameters."""
+
+
+_STOP = {"reason": None}  # set by request_stop, read by fit between steps
+
+
+def request_stop(reason: str) -> None:
+    """Ask a running :func:`fit` to stop at its next step boundary as Ctrl-C does (the
+    save in flight lands, and one line on stderr names ``reason`` and the checkpoint to
+    resume from); a :func:`fit` that starts while a stop is requested stops before it
+    writes anything. Only a job of one process stops (a process leaving a job of several
+    alone would leave the others in their collectives). :func:`genjax.train.cli.run_command`
+    asks for it when the reader of standard output is gone (``| head``), and withdraws it
+    (``request_stop(None)``) when the command returns."""
+    _STOP["reason"] = reason
+
+
+def _stop_reason() -> Optional[str]:
+    return _STOP["reason"] if _STOP["reason"] and jax.process_count() == 1 else None
 
 
 @contextlib.contextmanager
@@ -510,8 +538,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         GPT's vocabulary) differs, or no checkpoint is readable.
       DivergedError: a training loss (checked after every step) or the parameters (checked
         before every checkpoint) became non-finite; no checkpoint of them is saved.
-      RunInterrupted: SIGINT (Ctrl-C), read between steps: the save in flight lands, one
-        line names the checkpoint to resume from.
+      RunInterrupted: SIGINT (Ctrl-C), or a stop asked for with :func:`request_stop`,
+        read between steps: the save in flight lands, one line names the checkpoint to
+        resume from.
     """
     with _sigint_requests_stop() as sigint:
         return _fit(task, cfg, run_dir, resume=resume, config_record=config_record, log=log,
@@ -527,6 +556,10 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     engine = make_engine(cfg.parallel, cfg.devices, cfg.batch_size)
     check_run_dir(run_dir, resume)
     run_dir = pathlib.Path(run_dir)
+    if _stop_reason():  # nothing of this run written yet: leave it so
+        print(f"stopped before training: {_stop_reason()}; nothing was written in {run_dir}",
+              file=sys.stderr, flush=True)
+        raise RunInterrupted
     start, stop = engine.local_share(cfg.batch_size)
 
     tx, schedule = task.optimizers(cfg)
@@ -665,7 +698,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     done = step0  # steps completed
     try:
         for step in range(step0, cfg.max_iters):
-            if sigint["requested"]:
+            if sigint["requested"] or _stop_reason():
                 raise KeyboardInterrupt
             previous = metrics
             if task.batches_in_step:  # the same batch and key, drawn inside the step
@@ -706,13 +739,16 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
                 do_eval(done, metrics)
                 save(done)
                 timer["mark"] = time.perf_counter()
-        if sigint["requested"]:  # during the last step, evaluation or save
+        if sigint["requested"] or _stop_reason():  # during the last step, evaluation or save
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         ckpt.wait()  # a save in flight lands first
         steps = saved_steps(run_dir)
-        log(f"interrupted after step {done}; " + (
+        reason = _stop_reason()
+        say = log if reason is None else (lambda s: print(s, file=sys.stderr, flush=True))
+        what = "interrupted" if reason is None else f"stopped ({reason})"
+        say(f"{what} after step {done}; " + (
             f"the latest checkpoint is step {steps[-1]}: continue with --resume --run-dir "
             f"{run_dir}" if steps else f"no checkpoint was saved in {run_dir}{NO_RESUME}"))
         raise RunInterrupted from None
