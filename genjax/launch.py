@@ -14,6 +14,7 @@ period): no process outlives the launcher.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -50,11 +51,36 @@ def free_port() -> int:
 
 
 def _relay(i: int, stream, lock: threading.Lock, muted: set) -> None:
-    for line in stream:
+    for line in stream:  # (read to the end: a process never blocks on a full pipe)
         with lock:
-            if i not in muted:
-                sys.stdout.write(f"[{i}] {line}")
-                sys.stdout.flush()
+            if i not in muted and not _READER_GONE.is_set():
+                try:
+                    sys.stdout.write(f"[{i}] {line}")
+                    sys.stdout.flush()
+                except BrokenPipeError:  # (| head): the job stops as on Ctrl-C
+                    _reader_gone()
+
+
+_READER_GONE = threading.Event()
+_JOB_RUNNING = threading.Event()  # (a reader gone once the job has ended stops nothing)
+
+
+def _reader_gone() -> None:
+    """Standard output's reader is gone: it, and stderr if it shares the pipe, now go to
+    /dev/null, and the launcher stops the job as on Ctrl-C (SIGINT to itself)."""
+    if _READER_GONE.is_set():
+        return
+    _READER_GONE.set()
+    try:
+        shared = os.path.sameopenfile(1, 2)
+    except OSError:
+        shared = False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2) if shared else (1,):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    if _JOB_RUNNING.is_set():
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def launch(command, processes: int, port: Optional[int] = None, grace: float = GRACE_S) -> int:
@@ -79,6 +105,7 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
     procs, relays = [], []
     status = 0
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # (a scheduler's stop too)
+    _JOB_RUNNING.set()
     try:
         for i in range(processes):
             p = subprocess.Popen(
@@ -118,8 +145,9 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
               f"the {len(procs)} started", file=sys.stderr, flush=True)
         status = 127
     except KeyboardInterrupt:
-        print("genjax.launch: interrupted (Ctrl-C or SIGTERM), stopping every process",
-              file=sys.stderr, flush=True)
+        why = ("standard output was closed" if _READER_GONE.is_set()
+               else "interrupted (Ctrl-C or SIGTERM)")
+        print(f"genjax.launch: {why}, stopping every process", file=sys.stderr, flush=True)
         status = 130
     try:  # (SIGTERM still handled: a second one cannot leave processes behind)
         _stop(procs, grace)
@@ -129,6 +157,7 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
                 p.kill()
                 p.wait()
         signal.signal(signal.SIGTERM, previous)
+        _JOB_RUNNING.clear()
     for relay in relays:  # the last lines of every process
         relay.join(timeout=5)
     return status

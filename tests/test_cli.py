@@ -318,6 +318,11 @@ def test_sigint_stops_a_run_at_any_moment(tmp_path, text_file):
         assert "Traceback" not in out and "Exception ignored" not in out, (name, out)
         lines = [l for l in out.splitlines() if "interrupted" in l]
         assert len(lines) == 1 and lines[0].startswith("interrupted after step"), (name, out)
+        if name == "compiling":  # stopped at step 0: nothing to resume, so nothing left
+            assert lines[0].startswith("interrupted after step 0; no checkpoint was saved, so "
+                                       "there is nothing to resume: removed what this run "
+                                       "wrote"), out
+            assert not (tmp_path / name).exists()
         if name == "later":  # (the run may have gone on while the others were read)
             found = re.search(r"the latest checkpoint is step (\d+): continue with --resume",
                               lines[0])
@@ -352,6 +357,35 @@ def test_a_closed_output_stops_a_run_as_ctrl_c(tmp_path, text_file):
     found = re.fullmatch(r"stopped \(standard output was closed\) after step \d+; the latest "
                          r"checkpoint is step (\d+): continue with --resume --run-dir .*", line)
     assert found and int(found[1]) % 40 == 0 and saved_steps(run)[-1] == int(found[1]), err
+
+
+def test_run_command_withdraws_its_stop_and_gives_stdout_back():
+    from genjax.train import loop
+    from genjax.train.cli import run_command
+
+    stdout = sys.stdout
+    assert run_command(lambda args: loop.request_stop("reason") or args, 7) == 7
+    assert loop._STOP["reason"] is None and sys.stdout is stdout
+
+
+def test_the_reader_gone_guard_discards_output_and_asks_for_a_stop():
+    from genjax.train import loop
+    from genjax.train.cli import _ReaderGoneGuard
+
+    read, write = os.pipe()
+    os.close(read)  # (| head, gone)
+    guard = _ReaderGoneGuard(os.fdopen(write, "w"))
+    try:
+        guard.write("step 40: ...\n")
+        guard.flush()  # would raise BrokenPipeError
+        assert guard.gone and loop._STOP["reason"] == "standard output was closed"
+        assert guard.write("more\n") == 5 and guard.flush() is None  # (to /dev/null now)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        assert os.path.sameopenfile(guard.fileno(), devnull)
+        os.close(devnull)
+    finally:
+        loop.request_stop(None)
+        guard.close()
 
 
 def test_a_run_asked_to_stop_before_training_writes_nothing(tmp_path, text_file, capsys):

@@ -272,6 +272,23 @@ def test_the_launcher_leaves_no_process_behind_on_sigterm():
             os.kill(pid, 0)
 
 
+def test_the_launchers_closed_output_stops_the_job():
+    # `python -m genjax.launch ... | head`: the job stops as on Ctrl-C; the processes'
+    # output, read to its end, is thrown away, so none of them blocks on a full pipe.
+    script = ("import itertools, os, time\n"
+              "for i in itertools.count():\n"
+              "    print('line', i, flush=True); time.sleep(0.01)")  # until SIGINT
+    launcher = subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes", "2",
+                                 "--grace", "20", "--", sys.executable, "-c", script],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert launcher.stdout.readline().startswith("[")
+    launcher.stdout.close()  # the reader goes
+    err = launcher.communicate(timeout=60)[1]
+    assert launcher.returncode == 130, err
+    assert "genjax.launch: standard output was closed, stopping every process" in err
+    assert "Traceback" not in err and "Broken pipe" not in err, err
+
+
 def test_vae_two_processes_equal_one(tmp_path, digits_dir):
     """An image family, whose batches each process loads on the host (only its share):
     2 processes x 1 device equal 1 process x 2, and the job continues in 1 process as an

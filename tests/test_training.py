@@ -109,6 +109,32 @@ def test_new_run_over_records_of_a_run_without_checkpoint_is_refused(tmp_path, p
     assert {p: p.read_bytes() for p in run.rglob("*")} == before
 
 
+def test_a_run_stopped_before_its_first_checkpoint_removes_only_what_it_wrote(
+        tmp_path, play_text, capsys):
+    from genjax.train import loop
+
+    task, _, _ = tiny_gpt_task(play_text)
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)  # the directory's own, before the run
+    (run / "notes.txt").write_text("mine\n")
+
+    def log(line):  # the first evaluation's line: stop (as a closed output asks)
+        if line.startswith("step 0:"):
+            loop.request_stop("standard output was closed")
+
+    try:
+        with pytest.raises(loop.RunInterrupted):
+            fit(task, tiny_train_config(max_iters=4, eval_interval=2), run, log=log,
+                progress=False, plot=True, config_record={"hello": 1})
+    finally:
+        loop.request_stop(None)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt", "tensorboard"]
+    assert (f"stopped (standard output was closed) after step 0; no checkpoint was saved, so "
+            f"there is nothing to resume: removed what this run wrote in {run} (config.json, "
+            f"metrics.jsonl, loss.png, checkpoints)") in capsys.readouterr().err
+    fit(task, tiny_train_config(max_iters=4, eval_interval=2), run, progress=False)  # again
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path, play_text):
     task, _, _ = tiny_gpt_task(play_text)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):

@@ -175,8 +175,12 @@ class _ReaderGoneGuard:
 
         if not self.gone:
             self.gone = True
+            out = self._stream.fileno()
+            # stderr in the same pipe (2>&1 | head) has lost its reader too
+            shared = _same_file(out, 2)
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
+            for fd in (out, 2) if shared else (out,):
+                os.dup2(devnull, fd)
             os.close(devnull)
             request_stop("standard output was closed")
         try:  # what was buffered goes to /dev/null now
@@ -188,6 +192,13 @@ class _ReaderGoneGuard:
         return getattr(self._stream, name)
 
 
+def _same_file(fd_a: int, fd_b: int) -> bool:
+    try:
+        return os.path.sameopenfile(fd_a, fd_b)
+    except OSError:
+        return False
+
+
 def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
     checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
@@ -196,10 +207,11 @@ def run_command(fn, args):
     process is gone is one ``error: ...`` line naming it (once JAX's coordination service
     has missed its heartbeats, at most ``--distributed-timeout`` seconds) and exit status 1.
 
-    Standard output is line-buffered, so a log file or ``| tee`` shows each line as it is
-    written. If its reader goes away (``| head``), what is printed after is discarded and
-    a training run of one process stops as on Ctrl-C, saying so on stderr (exit status
-    130; a run that had not started writes nothing)."""
+    Standard output, when it is a file or pipe, becomes line-buffered (and stays so), so
+    a log file or ``| tee`` shows each line as it is written. If its reader goes away
+    (``| head``), what is printed after is discarded (stderr's too when it shares the pipe)
+    and a training run of one process stops as on Ctrl-C, saying so on stderr (exit status
+    130): see :func:`genjax.train.loop.fit`."""
     from genjax.data.tfds import DataUnavailableError
     from genjax.train.checkpoint import CheckpointError
     from genjax.train.loop import DivergedError, RunInterrupted, request_stop
@@ -210,7 +222,7 @@ def run_command(fn, args):
             stdout.fileno()
             stdout.reconfigure(line_buffering=True)
             sys.stdout = _ReaderGoneGuard(stdout)
-        except (OSError, ValueError):  # not a file (a test's capture): left as it is
+        except (OSError, ValueError):  # not a file (pytest's capsys): left as it is
             pass
     try:
         return _run(fn, args, (DataUnavailableError, CheckpointError, DivergedError),

@@ -276,7 +276,7 @@ class DivergedError(RuntimeError):
 _STOP = {"reason": None}  # set by request_stop, read by fit between steps
 
 
-def request_stop(reason: str) -> None:
+def request_stop(reason: Optional[str]) -> None:
     """Ask a running :func:`fit` to stop at its next step boundary as Ctrl-C does (the
     save in flight lands, and one line on stderr names ``reason`` and the checkpoint to
     resume from); a :func:`fit` that starts while a stop is requested stops before it
@@ -289,6 +289,48 @@ def request_stop(reason: str) -> None:
 
 def _stop_reason() -> Optional[str]:
     return _STOP["reason"] if _STOP["reason"] and jax.process_count() == 1 else None
+
+
+def _say_stop(line: str, log=None) -> None:
+    """``line`` by ``log``, or without one on stderr (whose reader may be gone as well)."""
+    if log is not None:
+        log(line)
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _stop_if_asked(run_dir) -> None:
+    """Raise :class:`RunInterrupted` if a stop was asked for before training began."""
+    if _stop_reason():
+        _say_stop(f"stopped before training: {_stop_reason()}; nothing was written in "
+                  f"{run_dir}")
+        raise RunInterrupted
+
+
+def _remove_unfinished_run(run_dir: pathlib.Path, held_before: Optional[set]) -> list:
+    """Remove what a new run that saved no checkpoint wrote in ``run_dir`` (its records,
+    ``loss.png``, its TensorBoard events, an empty ``checkpoints/``), and ``run_dir`` itself
+    if the run created it and it is left empty; nothing the directory held before the run
+    (``held_before``: its entries then, None if it did not exist) is touched. Returns the
+    names removed."""
+    import shutil
+
+    created, held_before = held_before is None, held_before or set()
+    removed = []
+    for name in (*RUN_RECORDS, "loss.png", "tensorboard", "checkpoints"):
+        path = run_dir / name
+        if name in held_before or not path.exists():
+            continue
+        if name == "checkpoints" and any(path.iterdir()):
+            continue  # (never a saved step here, but leave whatever Orbax left)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        removed.append(name)
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    return removed
 
 
 @contextlib.contextmanager
@@ -540,7 +582,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         before every checkpoint) became non-finite; no checkpoint of them is saved.
       RunInterrupted: SIGINT (Ctrl-C), or a stop asked for with :func:`request_stop`,
         read between steps: the save in flight lands, one line names the checkpoint to
-        resume from.
+        resume from; a new run that saved none removes what it wrote in ``run_dir``
+        (nothing the directory held before), so that it can start a run again.
     """
     with _sigint_requests_stop() as sigint:
         return _fit(task, cfg, run_dir, resume=resume, config_record=config_record, log=log,
@@ -556,10 +599,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     engine = make_engine(cfg.parallel, cfg.devices, cfg.batch_size)
     check_run_dir(run_dir, resume)
     run_dir = pathlib.Path(run_dir)
-    if _stop_reason():  # nothing of this run written yet: leave it so
-        print(f"stopped before training: {_stop_reason()}; nothing was written in {run_dir}",
-              file=sys.stderr, flush=True)
-        raise RunInterrupted
+    _stop_if_asked(run_dir)  # (nothing of this run is written yet)
     start, stop = engine.local_share(cfg.batch_size)
 
     tx, schedule = task.optimizers(cfg)
@@ -586,6 +626,11 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         keys = engine.put_replicated(keys)
         step0 = 0
 
+    log(f"{task.name}: {engine.describe(cfg.batch_size, state)}")
+    _stop_if_asked(run_dir)
+    # what the directory held before this run: a new run stopped before its first
+    # checkpoint removes only what it wrote (_remove_unfinished_run)
+    held_before = set(os.listdir(run_dir)) if run_dir.is_dir() else None
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         if config_record is not None and step0 < cfg.max_iters:  # a no-op resume: none
@@ -614,7 +659,6 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
 
         def run_eval(variables, key) -> dict:
             return evaluate(task, engine, eval_step, variables, key, cfg.batch_size)
-    log(f"{task.name}: {engine.describe(cfg.batch_size, state)}")
 
     metrics_path = run_dir / "metrics.jsonl"
     if resume and is_main_process():
@@ -739,18 +783,29 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
                 do_eval(done, metrics)
                 save(done)
                 timer["mark"] = time.perf_counter()
-        if sigint["requested"] or _stop_reason():  # during the last step, evaluation or save
+        # during the last step, evaluation or save (a finished run keeps its sample when
+        # only its output went away)
+        if sigint["requested"] or (_stop_reason() and done < cfg.max_iters):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         ckpt.wait()  # a save in flight lands first
         steps = saved_steps(run_dir)
         reason = _stop_reason()
-        say = log if reason is None else (lambda s: print(s, file=sys.stderr, flush=True))
         what = "interrupted" if reason is None else f"stopped ({reason})"
-        say(f"{what} after step {done}; " + (
-            f"the latest checkpoint is step {steps[-1]}: continue with --resume --run-dir "
-            f"{run_dir}" if steps else f"no checkpoint was saved in {run_dir}{NO_RESUME}"))
+        if steps:
+            where = (f"the latest checkpoint is step {steps[-1]}: continue with --resume "
+                     f"--run-dir {run_dir}")
+        elif resume or not is_main_process():
+            where = f"no checkpoint was saved in {run_dir}"
+        else:  # nothing to resume: what this run wrote goes, so the directory can start one
+            loss_plot.close()
+            if "writer" in board:
+                board.pop("writer").close()
+            removed = _remove_unfinished_run(run_dir, held_before)
+            where = (f"no checkpoint was saved, so there is nothing to resume: removed what "
+                     f"this run wrote in {run_dir} ({', '.join(removed) or 'nothing'})")
+        _say_stop(f"{what} after step {done}; {where}", log if reason is None else None)
         raise RunInterrupted from None
     finally:
         with contextlib.ExitStack() as closing:  # each closed even if another fails
