@@ -30,7 +30,10 @@ step is timed to completion (JAX's asynchronous dispatch is waited on; at most t
 steps are in flight, as in fit). Reported: the median step time and its spread (min to max
 over the rounds), throughput, compile time, peak device memory where the platform reports it
 (GPUs), model FLOPs utilisation, and each variant's time over genjax's; as a Markdown table,
-and with ``--json`` as a JSON file, with the device, library versions and thread counts. On
+and with ``--json`` as a JSON file, with the device, library versions, thread counts and
+every round's time. Under the table, genjax's time over the fastest PyTorch variant's, as
+the ratio of the medians and as the median of each round's ratio (the two measured minutes
+apart at most, so the machine's drift between rounds cancels out), with its quartiles. On
 a GPU both sides run float32 without TF32.
 
 Model FLOPs are XLA's cost analysis of genjax's whole train step on the global batch
@@ -672,6 +675,10 @@ def measure(args: Args) -> dict:
     for row in rows:
         row[f"{item_name}_per_s"] = w_items / (row["step_ms"] / 1e3)
         row["vs_genjax"] = row["step_ms"] / base if base else None
+        row["step_ms_rounds"] = [t * 1e3 for t in times[row["variant"]]]
+        # paired: each round's time over genjax's in the same round (drift hits both)
+        row["vs_genjax_rounds"] = ([a / b for a, b in zip(times[row["variant"]], times["genjax"])]
+                                   if base else None)
     versions = {"python": platform.python_version()}
     for lib in ("jax", "flax", "optax", "torch"):
         try:
@@ -698,8 +705,34 @@ def _items_per_step(model: str, preset: str) -> tuple[int, str]:
     return train.batch_size * (model_cfg.d_steps if model == "gan" else 1), "images"
 
 
+def _quartiles(xs: list) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``xs`` (all three the value itself for
+    one value)."""
+    if len(xs) < 2:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def genjax_against_fastest(result: dict) -> Optional[str]:
+    """One line: genjax's step over the fastest PyTorch variant's, as the ratio of their
+    medians and as the median (and quartiles) of the rounds' paired ratios; None without a
+    genjax row and a PyTorch row."""
+    rows = {r["variant"]: r for r in result["rows"]}
+    torch_rows = [r for r in result["rows"] if r["variant"] != "genjax"]
+    if "genjax" not in rows or not torch_rows:
+        return None
+    fastest = min(torch_rows, key=lambda r: r["step_ms"])
+    paired = [1 / x for x in fastest["vs_genjax_rounds"]]  # genjax / fastest, per round
+    q1, median, q3 = _quartiles(paired)
+    return (f"genjax / fastest PyTorch ({fastest['variant']}): "
+            f"{rows['genjax']['step_ms'] / fastest['step_ms']:.2f}x (medians); per round "
+            f"{median:.2f}x, quartiles {q1:.2f}-{q3:.2f}x over {len(paired)} rounds")
+
+
 def markdown(result: dict) -> str:
-    """The results as a Markdown table with a heading line."""
+    """The results as a Markdown table with a heading line and, with PyTorch rows, the
+    line of :func:`genjax_against_fastest`."""
     rate = next(k for k in result["rows"][0] if k.endswith("_per_s"))
     lines = [f"{result['model']} `{result['preset']}` preset, {result['dtype']}, "
              f"batch {result['batch_size']}, "
@@ -721,6 +754,9 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {r['step_ms']:.1f} | {r['step_ms_min']:.1f}-"
                      f"{r['step_ms_max']:.1f} | {r[rate]:,.0f} | {r['compile_s']:.1f} | "
                      f"{memory} | {mfu} | {ratio} |")
+    summary = genjax_against_fastest(result)
+    if summary:
+        lines += ["", summary]
     return "\n".join(lines)
 
 

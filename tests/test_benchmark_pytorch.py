@@ -30,6 +30,8 @@ def test_genjax_row_times_the_fit_step(tmp_path):
     assert row["variant"] == "genjax" and row["vs_genjax"] == 1.0
     assert row["images_per_s"] == pytest.approx(64 / (row["step_ms"] / 1e3))
     assert row["step_ms_min"] <= row["step_ms"] <= row["step_ms_max"]
+    assert len(row["step_ms_rounds"]) == 2 and row["vs_genjax_rounds"] == [1.0, 1.0]
+    assert "fastest PyTorch" not in bench.markdown(result)  # (no PyTorch row)
     assert 0 < row["mfu"] < 1 and result["model_gflop_per_step"] > 0.1
     assert "pmap over 8 cpu device(s)" in bench.markdown(result)
     with pytest.raises(ValueError, match="--variants \\['jax'\\]: choose among"):
@@ -42,6 +44,14 @@ def test_pytorch_rows_share_the_batches():
                          "--variants", "genjax", "torch-reference", "torch-fast"])
     assert [r["variant"] for r in result["rows"]] == ["genjax", "torch-reference", "torch-fast"]
     assert all(r["step_ms"] > 0 and r["vs_genjax"] > 0 for r in result["rows"])
+    genjax, *torch_rows = result["rows"]
+    for row in torch_rows:  # one round: the paired ratio is the ratio of the two times
+        assert row["vs_genjax_rounds"] == [pytest.approx(row["step_ms"] / genjax["step_ms"])]
+    fastest = min(torch_rows, key=lambda r: r["step_ms"])
+    ratio = genjax["step_ms"] / fastest["step_ms"]
+    assert (f"genjax / fastest PyTorch ({fastest['variant']}): {ratio:.2f}x (medians); per "
+            f"round {ratio:.2f}x, quartiles {ratio:.2f}-{ratio:.2f}x over 1 rounds"
+            ) in bench.markdown(result)
     assert result["versions"]["torch"].startswith("2.13")
 
 
