@@ -304,26 +304,30 @@ def _start_training(run, text_file, *extra, env=None):
 def test_sigint_stops_a_run_at_any_moment(tmp_path, text_file):
     # Moments: while the train step compiles (just after the engine line, before step 0's
     # evaluation ends), right after the first evaluation, and after a checkpoint.
-    triggers = {"compiling": "gpt: ", "first_eval": "step 0:", "later": "step 40:"}
+    # And SIGTERM (kill, timeout, a scheduler's stop) after a checkpoint, as Ctrl-C.
+    triggers = {"compiling": "gpt: ", "first_eval": "step 0:", "later": "step 40:",
+                "sigterm": "step 40:"}
     procs = {name: _start_training(tmp_path / name, text_file) for name in triggers}
     for name, proc in procs.items():
         seen = []
         for line in proc.stdout:
             seen.append(line)
             if line.startswith(triggers[name]):
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM if name == "sigterm" else signal.SIGINT)
                 break
         out = "".join(seen) + proc.communicate(timeout=60)[0]
-        assert proc.returncode == 130, (name, out)
+        assert proc.returncode == (143 if name == "sigterm" else 130), (name, out)
         assert "Traceback" not in out and "Exception ignored" not in out, (name, out)
         lines = [l for l in out.splitlines() if "interrupted" in l]
-        assert len(lines) == 1 and lines[0].startswith("interrupted after step"), (name, out)
+        assert len(lines) == 1, (name, out)  # (stdout and stderr are one pipe here)
+        assert lines[0].startswith("interrupted (SIGTERM) after step" if name == "sigterm"
+                                   else "interrupted after step"), (name, out)
         if name == "compiling":  # stopped at step 0: nothing to resume, so nothing left
             assert lines[0].startswith("interrupted after step 0; no checkpoint was saved, so "
                                        "there is nothing to resume: removed what this run "
                                        "wrote"), out
             assert not (tmp_path / name).exists()
-        if name == "later":  # (the run may have gone on while the others were read)
+        if name in ("later", "sigterm"):  # (it may have gone on while others were read)
             found = re.search(r"the latest checkpoint is step (\d+): continue with --resume",
                               lines[0])
             assert found and int(found[1]) >= 40 and int(found[1]) % 40 == 0, out

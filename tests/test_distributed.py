@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import pathlib
+import re
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import jax
 import pytest
 
 from experiments import gpt_shakespeare as exp
+from genjax.train.checkpoint import saved_steps
 
 TINY = ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--batch-size", "8",
         "--block-size", "16", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
@@ -270,6 +272,26 @@ def test_the_launcher_leaves_no_process_behind_on_sigterm():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_ctrl_c_stops_every_process_of_a_job_at_the_same_step(tmp_path, text_file):
+    # SIGINT reaches each process at its own moment: they agree every STOP_CHECK_EVERY
+    # steps, so none is left waiting in a collective (and killed after the grace period).
+    run = tmp_path / "run"
+    flags = [*TINY, "--max-iters", "100000", "--eval-interval", "25", "--text-file",
+             str(text_file), "--run-dir", str(run), "--host-devices", "1"]
+    launcher = _launch(2, _gpt(*flags))
+    for line in launcher.stdout:
+        if line.startswith("[0] step 25:"):  # (the first checkpoint is being saved)
+            break
+    launcher.send_signal(signal.SIGINT)
+    out = launcher.communicate(timeout=60)[0]
+    assert launcher.returncode == 130 and "killed" not in out, out
+    (line,) = [l for l in out.splitlines() if "interrupted after step" in l]
+    found = re.search(r"\[0\] interrupted after step (\d+); the latest checkpoint is step "
+                      r"(\d+)", line)
+    assert found and int(found[1]) % 10 == 0 and int(found[2]) % 25 == 0, out
+    assert saved_steps(run)[-1] == int(found[2])
 
 
 def test_the_launchers_closed_output_stops_the_job():

@@ -237,8 +237,8 @@ def _run(fn, args, errors: tuple, interrupted):
         return fn(args)
     except (ValueError, OSError, *errors) as e:
         raise SystemExit(f"error: {e}") from e
-    except interrupted:  # fit has said where the run stands, in one line
-        raise SystemExit(130) from None
+    except interrupted as e:  # fit has said where the run stands, in one line
+        raise SystemExit(e.status) from None
     except KeyboardInterrupt:  # before or after training
         print("interrupted: nothing more was saved", file=sys.stderr)
         raise SystemExit(130) from None

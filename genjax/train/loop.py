@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
@@ -265,7 +266,13 @@ def _duration(seconds: float) -> str:
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped :func:`fit`, which has said in one line where the run stands."""
+    """Ctrl-C (or SIGTERM, or :func:`request_stop`) stopped :func:`fit`, which has said in
+    one line where the run stands. ``status``: the exit status a command gives it (128 + the
+    signal: 130 for SIGINT and a closed output, 143 for SIGTERM)."""
+
+    def __init__(self, status: int = 130):
+        super().__init__(status)
+        self.status = status
 
 
 class DivergedError(RuntimeError):
@@ -292,9 +299,17 @@ def _stop_reason() -> Optional[str]:
 
 
 def _say_stop(line: str, log=None) -> None:
-    """``line`` by ``log``, or without one on stderr (whose reader may be gone as well)."""
+    """``line`` by ``log`` and, on process 0, on stderr too unless stdout is the same file
+    (``| tee``, which the same Ctrl-C stops, or ``> log``: the terminal still hears it); with
+    no ``log``, on stderr only (stdout's reader is gone; stderr's may be too)."""
     if log is not None:
         log(line)
+        try:
+            if not is_main_process() or os.path.sameopenfile(1, 2):
+                return
+        except (OSError, ValueError):
+            pass
+    if not is_main_process():
         return
     try:
         print(line, file=sys.stderr, flush=True)
@@ -335,25 +350,49 @@ def _remove_unfinished_run(run_dir: pathlib.Path, held_before: Optional[set]) ->
 
 @contextlib.contextmanager
 def _sigint_requests_stop():
-    """While training, SIGINT (Ctrl-C) only sets ``requested``, which the loop reads between
-    steps: the signal never lands inside JAX's or Orbax's callbacks and threads, where a
-    ``KeyboardInterrupt`` can be swallowed. A second SIGINT raises at once."""
-    flag = {"requested": False}
+    """While training, SIGINT (Ctrl-C) or SIGTERM (``kill``, ``timeout``, a scheduler's
+    stop) only sets ``requested`` (the signal's number), which the loop reads between steps:
+    the signal never lands inside JAX's or Orbax's callbacks and threads, where a
+    ``KeyboardInterrupt`` can be swallowed. A second one raises at once."""
+    flag = {"requested": 0}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
         if flag["requested"]:
             raise KeyboardInterrupt
-        flag["requested"] = True  # (said once, in fit's one line, when the loop stops)
+        flag["requested"] = signum  # (said once, in fit's one line, when the loop stops)
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, action in previous.items():
+            signal.signal(sig, action)
+
+
+STOP_CHECK_EVERY = 10
+"""In a job of several processes, the steps at which they agree whether to stop (one small
+all-gather): a signal reaches each process at its own moment, and one that left the loop
+alone would leave the others waiting in a collective."""
+
+
+def _stop_signal(sigint: dict, step: int, agree: bool) -> int:
+    """The signal asking this job to stop at ``step`` (0: none). One process: its own flag.
+    Several: at every ``STOP_CHECK_EVERY``-th step (or with ``agree``, at a point every
+    process reaches), the first flag set among all the processes, so that all stop at the
+    same step; 0 at the other steps."""
+    if jax.process_count() == 1:
+        return sigint["requested"]
+    if not agree and step % STOP_CHECK_EVERY:
+        return 0
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(sigint["requested"]))
+    return int(next((f for f in np.ravel(flags) if f), 0))
 
 
 def _one_job_arrays(tree):
@@ -740,9 +779,11 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
                     task.item_name, items_per_step)
     metrics = None
     done = step0  # steps completed
+    stopping = 0  # the signal the job agreed to stop on
     try:
         for step in range(step0, cfg.max_iters):
-            if sigint["requested"] or _stop_reason():
+            stopping = _stop_signal(sigint, step, agree=step == step0)
+            if stopping or _stop_reason():
                 raise KeyboardInterrupt
             previous = metrics
             if task.batches_in_step:  # the same batch and key, drawn inside the step
@@ -785,14 +826,17 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
                 timer["mark"] = time.perf_counter()
         # during the last step, evaluation or save (a finished run keeps its sample when
         # only its output went away)
-        if sigint["requested"] or (_stop_reason() and done < cfg.max_iters):
+        stopping = _stop_signal(sigint, done, agree=True)
+        if stopping or (_stop_reason() and done < cfg.max_iters):
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
         ckpt.wait()  # a save in flight lands first
         steps = saved_steps(run_dir)
         reason = _stop_reason()
-        what = "interrupted" if reason is None else f"stopped ({reason})"
+        signum = stopping or sigint["requested"] or signal.SIGINT
+        what = (f"stopped ({reason})" if reason else "interrupted" if signum == signal.SIGINT
+                else f"interrupted ({signal.Signals(signum).name})")
         if steps:
             where = (f"the latest checkpoint is step {steps[-1]}: continue with --resume "
                      f"--run-dir {run_dir}")
@@ -806,7 +850,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
             where = (f"no checkpoint was saved, so there is nothing to resume: removed what "
                      f"this run wrote in {run_dir} ({', '.join(removed) or 'nothing'})")
         _say_stop(f"{what} after step {done}; {where}", log if reason is None else None)
-        raise RunInterrupted from None
+        raise RunInterrupted(130 if reason else 128 + signum) from None
     finally:
         with contextlib.ExitStack() as closing:  # each closed even if another fails
             closing.callback(bar.close)
