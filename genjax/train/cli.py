@@ -202,8 +202,8 @@ def _same_file(fd_a: int, fd_b: int) -> bool:
 def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
     checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
-    status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (no
-    traceback). In a job of several processes, a collective that failed because another
+    status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (143 for a
+    SIGTERM that stopped a training run; no traceback). In a job of several processes, a collective that failed because another
     process is gone is one ``error: ...`` line naming it (once JAX's coordination service
     has missed its heartbeats, at most ``--distributed-timeout`` seconds) and exit status 1.
 

@@ -619,8 +619,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         GPT's vocabulary) differs, or no checkpoint is readable.
       DivergedError: a training loss (checked after every step) or the parameters (checked
         before every checkpoint) became non-finite; no checkpoint of them is saved.
-      RunInterrupted: SIGINT (Ctrl-C), or a stop asked for with :func:`request_stop`,
-        read between steps: the save in flight lands, one line names the checkpoint to
+      RunInterrupted: SIGINT (Ctrl-C) or SIGTERM, or a stop asked for with
+        :func:`request_stop`, read between steps (in a job of several processes, agreed
+        among them every ``STOP_CHECK_EVERY`` steps): the save in flight lands, one line names the checkpoint to
         resume from; a new run that saved none removes what it wrote in ``run_dir``
         (nothing the directory held before), so that it can start a run again.
     """
