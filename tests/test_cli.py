@@ -219,6 +219,9 @@ def test_unknown_flags_and_demo_help(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: unknown flag --lerning-rate; did you mean --learning-rate? All flags: "
         "python -m experiments.gpt_shakespeare train --help")
+    with pytest.raises(SystemExit):  # the field's abbreviation, not the nearest spelling
+        exp.main(["--lr", "1e-3"])
+    assert "unknown flag --lr; did you mean --learning-rate?" in capsys.readouterr().err
     from experiments import transposed_convolution, vae_mnist
 
     with pytest.raises(SystemExit):

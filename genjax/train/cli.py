@@ -18,6 +18,13 @@ import tyro
 T = TypeVar("T")
 
 
+ALIASES = {"--lr": "--learning-rate", "--iters": "--max-iters", "--steps": "--max-iters",
+           "--bs": "--batch-size", "--out-dir": "--run-dir", "--output-dir": "--run-dir",
+           "--n-heads": "--n-head", "--n-layers": "--n-layer"}
+"""Flags of other tools (nanoGPT's, the field's abbreviations) and the flag to suggest for
+each, rather than the nearest spelling (``--lr`` is nearest to ``--min-lr``)."""
+
+
 def parse_command(commands: Mapping[str, type], default: str,
                   argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
                   presets: Optional[Mapping[str, tuple]] = None):
@@ -81,7 +88,8 @@ def _refuse_unknown_flags(cls: type, argv: Sequence[str], command: str) -> None:
         flag, _, value = token.partition("=")
         flag = "--" + flag[2:].replace("_", "-")
         if flag not in known:
-            close = difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.6)
+            close = [ALIASES[flag]] if ALIASES.get(flag) in known else \
+                difflib.get_close_matches(flag, sorted(known), n=1, cutoff=0.6)
             print(f"error: unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
                   + f" All flags: {command} --help", file=sys.stderr)
             raise SystemExit(2)
