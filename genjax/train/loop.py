@@ -621,9 +621,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
         before every checkpoint) became non-finite; no checkpoint of them is saved.
       RunInterrupted: SIGINT (Ctrl-C) or SIGTERM, or a stop asked for with
         :func:`request_stop`, read between steps (in a job of several processes, agreed
-        among them every ``STOP_CHECK_EVERY`` steps): the save in flight lands, one line names the checkpoint to
-        resume from; a new run that saved none removes what it wrote in ``run_dir``
-        (nothing the directory held before), so that it can start a run again.
+        among them every ``STOP_CHECK_EVERY`` steps): the save in flight lands, one line
+        names the checkpoint to resume from; a new run that saved none removes what it
+        wrote in ``run_dir`` (nothing the directory held before), so that it can start a
+        run again.
     """
     with _sigint_requests_stop() as sigint:
         return _fit(task, cfg, run_dir, resume=resume, config_record=config_record, log=log,
