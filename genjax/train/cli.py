@@ -211,9 +211,10 @@ def run_command(fn, args):
     """``fn(args)``; bad input (``ValueError``, ``OSError``, missing data, unusable
     checkpoints, a diverged run) ends the program with one ``error: ...`` line and exit
     status 1, and Ctrl-C with one ``interrupted ...`` line and exit status 130 (143 for a
-    SIGTERM that stopped a training run; no traceback). In a job of several processes, a collective that failed because another
-    process is gone is one ``error: ...`` line naming it (once JAX's coordination service
-    has missed its heartbeats, at most ``--distributed-timeout`` seconds) and exit status 1.
+    SIGTERM that stopped a training run; no traceback). In a job of several processes, a
+    collective that failed because another process is gone is one ``error: ...`` line
+    naming it (once JAX's coordination service has missed its heartbeats, at most
+    ``--distributed-timeout`` seconds) and exit status 1.
 
     Standard output, when it is a file or pipe, becomes line-buffered (and stays so), so
     a log file or ``| tee`` shows each line as it is written. If its reader goes away
