@@ -7,3 +7,10 @@ sample-quality metrics of image generators.
 """
 
 __version__ = "0.1.0"
+
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # ``python -m genjax.launch`` or ``-m experiments.NAME`` starting
+    from genjax import _interrupt
+
+    _interrupt.install()

@@ -1,3 +1,4 @@
+import gc
 import json
 import os
 import pathlib
@@ -334,6 +335,44 @@ def test_sigint_stops_a_run_at_any_moment(tmp_path, text_file):
             found = re.search(r"the latest checkpoint is step (\d+): continue with --resume",
                               lines[0])
             assert found and int(found[1]) >= 40 and int(found[1]) % 40 == 0, out
+
+
+def test_ctrl_c_while_starting_is_one_line_and_never_lost():
+    # `python -m ...` installs genjax._interrupt when genjax is imported (here by hand: the
+    # first argv entry is "-m" while Python locates the module). A Ctrl-C that no command
+    # handles is one line and the SIGINT status, not a traceback.
+    code = ("import sys; sys.argv[:1] = ['-m']; import genjax, os, signal, time; "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == -signal.SIGINT and out.stderr == "interrupted\n", out
+    # One landing in a garbage-collector callback (JAX registers one) would be printed as
+    # "Exception ignored" and dropped, and the run would go on: it is delivered again.
+    from genjax import _interrupt
+
+    outcome = []
+
+    def callback(phase, info):
+        if phase == "start" and not outcome:
+            try:
+                _interrupt._sigint(signal.SIGINT, sys._getframe())
+                outcome.append("deferred")
+            except KeyboardInterrupt:
+                outcome.append("raised")
+
+    handler = signal.getsignal(signal.SIGINT)
+    delivered = threading.Event()
+    signal.signal(signal.SIGINT, lambda signum, frame: delivered.set())
+    gc.callbacks.append(callback)
+    try:
+        gc.collect()
+        assert outcome == ["deferred"]
+        assert delivered.wait(5)  # the signal came again, RETRY_S later
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, handler)
+    with pytest.raises(KeyboardInterrupt):  # anywhere else: raised as Python does
+        _interrupt._sigint(signal.SIGINT, sys._getframe())
 
 
 def test_a_closed_output_stops_a_run_as_ctrl_c(tmp_path, text_file):
