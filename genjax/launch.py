@@ -33,11 +33,11 @@ class Args:
     """Run COMMAND as N JAX processes joined by jax.distributed (gloo on a CPU)."""
 
     command: Annotated[tuple[str, ...], tyro.conf.Positional,
-                       tyro.conf.arg(metavar="COMMAND")]
+                       tyro.conf.arg(metavar="COMMAND", help_behavior_hint="")]
     """The command to run (after --), e.g. python -m experiments.gpt_shakespeare ..."""
     processes: int = 2
     """How many processes."""
-    port: Annotated[Optional[int], tyro.conf.arg(metavar="P")] = None
+    port: Annotated[Optional[int], tyro.conf.arg(metavar="P", help_behavior_hint="")] = None
     """The coordinator's port on 127.0.0.1 (default: a free one)."""
     grace: float = GRACE_S
     """Seconds the processes get to save and stop after SIGINT, before SIGKILL."""

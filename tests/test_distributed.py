@@ -159,15 +159,25 @@ def test_the_launcher_stops_every_process_when_one_fails():
     assert out.returncode == 3 and time.monotonic() - started < 30  # not the 120 s sleep
     assert "[0] up 0" in out.stdout and "[1] up 1" in out.stdout
     assert "genjax.launch: process 1 exited with status 3; stopping the others" in out.stderr
-    with pytest.raises(SystemExit, match="give the command after --"):
-        from genjax import launch
+    from genjax import launch
 
+    with pytest.raises(SystemExit, match="give the command after --"):
         launch.main(["--processes", "2"])
     missing = subprocess.run([sys.executable, "-m", "genjax.launch", "--processes", "2", "--",
                               "/no/such/program"], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 127
     assert missing.stderr.strip() == ("genjax.launch: cannot start '/no/such/program' (No such "
                                       "file or directory); stopping the 0 started")
+
+
+def test_the_launchers_help_says_each_default_once(capsys):
+    from genjax import launch
+
+    with pytest.raises(SystemExit):
+        launch.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: a free one)" in help_text and "(default: 2)" in help_text
+    assert "(default: None)" not in help_text and "(default: )" not in help_text, help_text
 
 
 def test_joining_fails_in_one_line():
