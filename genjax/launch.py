@@ -5,7 +5,7 @@
 Starts COMMAND N times, each with ``--distributed --coordinator-address 127.0.0.1:P
 --num-processes N --process-id I`` appended (every genjax experiment takes these flags; see
 :func:`genjax.train.cli.start_run`), prints each process's output lines prefixed with
-``[I]``, and stops every process with one line when one fails (its exit status is the
+``[I]`` (less Gloo's lines saying that every peer has joined), and stops every process with one line when one fails (its exit status is the
 launcher's; the others' output from then on, the errors that follow from the first, is
 not shown) or on Ctrl-C or SIGTERM (SIGINT to each, then SIGKILL to any still running after a grace
 period): no process outlives the launcher.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -50,8 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Gloo prints one such line per process and communicator when all its peers have joined;
+# it says nothing to the user. (A count short of the expected one is shown.)
+_GLOO_JOINED = re.compile(r"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                          r"Expected number of connected peer ranks is : (\d+)\s*")
+
+
 def _relay(i: int, stream, lock: threading.Lock, muted: set) -> None:
     for line in stream:  # (read to the end: a process never blocks on a full pipe)
+        joined = _GLOO_JOINED.fullmatch(line)
+        if joined and joined[1] == joined[2]:
+            continue
         with lock:
             if i not in muted and not _READER_GONE.is_set():
                 try:
