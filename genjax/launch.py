@@ -2,8 +2,8 @@
 
     python -m genjax.launch --processes N [--port P] [--grace S] -- COMMAND [ARGS ...]
 
-Starts COMMAND N times, each with ``--distributed --coordinator-address 127.0.0.1:P --num-
-processes N --process-id I`` appended (every genjax experiment takes these flags; see
+Starts COMMAND N times, each with ``--distributed --coordinator-address 127.0.0.1:P
+--num-processes N --process-id I`` appended (every genjax experiment takes these flags; see
 :func:`genjax.train.cli.start_run`), prints each process's output lines prefixed with
 ``[I]`` (less Gloo's lines saying that every peer has joined), and stops every process with
 one line when one fails (its exit status is the launcher's; the others' output from then on,
