@@ -185,12 +185,18 @@ def test_interrupted_run_says_how_to_continue(tmp_path, play_text):
 
     run = tmp_path / "run"
     messages = []
+    record = {"train": {"max_iters": 12}}
     with pytest.raises(KeyboardInterrupt):
         fit(dataclasses.replace(task, report=interrupt), tiny_train_config(max_iters=12), run,
-            progress=False, log=messages.append)
+            progress=False, log=messages.append, config_record=record)
     assert messages[-1] == (f"interrupted after step 8; the latest checkpoint is step 4: "
                             f"continue with --resume --run-dir {run}")
     assert saved_steps(run) == [4]
+    # --resume with the same config continues without a second record of it
+    with pytest.raises(KeyboardInterrupt):
+        fit(dataclasses.replace(task, report=interrupt), tiny_train_config(max_iters=12), run,
+            resume=True, progress=False, config_record=record)
+    assert sorted(p.name for p in run.glob("config*")) == ["config.json"]
 
     from genjax.train.cli import run_command
 

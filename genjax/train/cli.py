@@ -15,6 +15,8 @@ from typing import Annotated, Callable, Literal, Mapping, Optional, Sequence, Ty
 
 import tyro
 
+from genjax.train.config import config_records
+
 T = TypeVar("T")
 
 
@@ -352,13 +354,6 @@ class RunArgs:
     RUN_DIR/tensorboard (needs the tensorboard extra: pip install 'genjax[tensorboard]')."""
 
 
-def _record_order(path: pathlib.Path) -> tuple:
-    """Newest start last: by modification time, then by the step in the name
-    (``config.json`` is step 0), so a copy that reset the times still orders right."""
-    step = path.stem.rpartition("-")[2]
-    return path.stat().st_mtime_ns, int(step) if step.isdigit() else 0
-
-
 def saved_config(args: RunArgs) -> Optional[dict]:
     """With ``--resume``: the config record of the run's latest start, which supplies every
     flag the command leaves out; None for a new run (or a run directory without one).
@@ -373,11 +368,10 @@ def saved_config(args: RunArgs) -> Optional[dict]:
     """
     if not args.resume or args.run_dir is None:
         return None
-    run_dir = pathlib.Path(args.run_dir)
-    records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
+    records = config_records(args.run_dir)
     if not records:
         return None
-    newest = max(records, key=_record_order)
+    newest = records[-1]
     try:
         record = json.loads(newest.read_text())
     except ValueError as e:
@@ -687,9 +681,7 @@ def run_experiment(run_dir) -> Optional[str]:
     """The experiment that wrote the run in ``run_dir``, as its config record names it
     (``config.json``, else the newest ``config.resume-<step>.json``), or None (no record,
     or one of an older genjax that did not say)."""
-    run_dir = pathlib.Path(run_dir)
-    records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
-    for path in sorted(records, key=_record_order, reverse=True):
+    for path in reversed(config_records(run_dir)):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):

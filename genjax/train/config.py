@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from typing import Literal, Optional
 
 ParallelEngine = Literal["pmap", "sharding", "fsdp", "none"]
@@ -98,3 +99,19 @@ class TrainConfig:
 def to_dict(config) -> dict:
     """A JSON-ready dict of a (possibly nested) config dataclass."""
     return dataclasses.asdict(config)
+
+
+def config_records(run_dir) -> list[pathlib.Path]:
+    """The config records of the run in ``run_dir``, oldest start first: ``config.json``
+    (its first start) and each ``config.resume-<step>.json`` (a resume that changed the
+    config; see :func:`genjax.train.loop.fit`). Ordered by modification time, then by the
+    step in the name (``config.json`` is step 0), so that a copy that reset the times still
+    orders right. Empty when there are none (or no such directory)."""
+    run_dir = pathlib.Path(run_dir)
+    records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
+
+    def order(path: pathlib.Path) -> tuple:
+        step = path.stem.rpartition("-")[2]
+        return path.stat().st_mtime_ns, int(step) if step.isdigit() else 0
+
+    return sorted(records, key=order)

@@ -33,7 +33,7 @@ import optax
 from tqdm.auto import tqdm
 
 from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, saved_steps
-from genjax.train.config import TrainConfig
+from genjax.train.config import TrainConfig, config_records
 from genjax.train.optim import make_optimizer
 from genjax.train.parallel import Engine, make_engine
 from genjax.train.steps import (Evaluation, LossFn, Optimizers, TrainState, Update,
@@ -562,6 +562,17 @@ def _saved_form(state: TrainState) -> dict:
     return saved
 
 
+def _config_changed(run_dir: pathlib.Path, config_record: dict) -> bool:
+    """Whether ``config_record`` differs from the run's latest config record (or there is
+    none readable): a resume that changed nothing records nothing new."""
+    records = config_records(run_dir)
+    try:
+        latest = json.loads(records[-1].read_text()) if records else None
+    except (OSError, ValueError):
+        return True
+    return latest != json.loads(json.dumps(config_record))
+
+
 def _write_json(path: pathlib.Path, obj) -> None:
     """Write ``obj`` to ``path`` whole or not at all (a temporary file, then a rename)."""
     partial = path.with_name(path.name + ".partial")
@@ -605,9 +616,10 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     ``batch_loss`` or ``batch_{name}_loss``) to ``metrics.jsonl`` and saves a checkpoint
     (the train state with its model state, and the run's keys; except at step 0).
     ``config_record`` (the experiment's whole config) is written to ``config.json``, or
-    beside it as ``config.resume-<step>.json`` on resumption. With ``plot``, each evaluation
-    also redraws ``loss.png`` (:func:`genjax.viz.save_loss_curves`; the experiments turn it
-    on). ``progress``: a bar on a terminal, plain lines otherwise (:class:`_Progress`).
+    beside it as ``config.resume-<step>.json`` on a resumption that changed it. With
+    ``plot``, each evaluation also redraws ``loss.png``
+    (:func:`genjax.viz.save_loss_curves`; the experiments turn it on). ``progress``: a bar
+    on a terminal, plain lines otherwise (:class:`_Progress`).
     ``tensorboard``: each record's numbers also go to TensorBoard event files in
     ``RUN_DIR/tensorboard`` (``tensorboardX``'s writer, which does not import TensorFlow).
 
@@ -674,7 +686,8 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     held_before = set(os.listdir(run_dir)) if run_dir.is_dir() else None
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        if config_record is not None and step0 < cfg.max_iters:  # a no-op resume: none
+        if (config_record is not None and step0 < cfg.max_iters  # a no-op resume: none
+                and (step0 == 0 or _config_changed(run_dir, config_record))):
             name = "config.json" if step0 == 0 else f"config.resume-{step0}.json"
             _write_json(run_dir / name, config_record)
     if not resume:
