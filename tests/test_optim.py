@@ -79,6 +79,46 @@ def test_cosine_schedule_follows_nanogpt():
         dataclasses.replace(cfg, min_lr=1e-2)
 
 
+def test_the_schedule_is_optax_warmup_cosine_and_an_argument_of_the_update():
+    base = PRESETS["cpu"][1]
+    for lr, min_lr, warmup, decay in [(1e-3, 1e-4, 100, 2000), (6e-4, 6e-5, 0, 500),
+                                      (3e-4, 0.0, 1, 7), (2.5e-3, 1.3e-5, 17, 1013)]:
+        cfg = dataclasses.replace(base, learning_rate=lr, min_lr=min_lr, warmup_iters=warmup,
+                                  lr_decay_iters=decay, max_iters=decay)
+        ours = make_schedule(cfg)
+        ref = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay, min_lr)
+        steps = np.arange(0, decay + 20, 7)
+        # on the host, the same float32 operations: equal
+        assert [float(ours(s)) for s in steps] == [float(ref(s)) for s in steps]
+        # traced, as the compiled step takes it: XLA may round a division differently
+        traced = jax.jit(lambda schedule, s: jax.vmap(schedule)(s))(ours, steps)
+        np.testing.assert_allclose(traced, jax.vmap(ref)(steps), rtol=2e-6, atol=1e-7 * lr)
+    constant = make_schedule(PRESETS["lecture"][1])
+    assert float(constant(0)) == float(constant(10 ** 6)) == np.float32(3e-4)
+    # The optimizer: optax.adamw's state (checkpoints load either way) and updates; the
+    # schedule given to update as its lr_schedule argument replaces the configured one.
+    cfg = dataclasses.replace(base, warmup_iters=2, lr_decay_iters=10, max_iters=10)
+    tx, schedule = make_optimizer(cfg)
+    ref = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, 2, 10, cfg.min_lr),
+        b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    params, grads = params_and_grads()
+    state, ref_state = tx.init(params), ref.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    other = make_schedule(dataclasses.replace(cfg, learning_rate=2 * cfg.learning_rate,
+                                              min_lr=2 * cfg.min_lr))
+    for _ in range(4):
+        updates, new_state = tx.update(grads, state, params)
+        ref_updates, ref_state = ref.update(grads, ref_state, params)
+        doubled, _ = tx.update(grads, state, params, lr_schedule=other)
+        for name in params:
+            np.testing.assert_array_equal(updates[name], ref_updates[name])
+            np.testing.assert_allclose(doubled[name], 2 * updates[name], rtol=1e-5,
+                                       atol=1e-12)
+        state = new_state
+
+
 def test_optax_adamw_matches_torch_adamw():
     torch = pytest.importorskip("torch")
     _, cfg = PRESETS["lecture"]

@@ -248,27 +248,40 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, play_
     assert any("moved them to metrics.superseded-" in m for m in messages), messages
 
 
-def test_no_recompilation_after_the_first_step(tmp_path, play_text):
-    compiles = []
+def test_no_recompilation_after_the_first_step_nor_for_another_schedule(tmp_path, play_text):
+    compiles, misses = [], []
     active = [True]
 
-    def listener(event, duration, **kw):
+    def on_duration(event, duration, **kw):
         if active[0] and event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
+    def on_event(event, **kw):
+        if active[0] and event == "/jax/compilation_cache/cache_misses":
+            misses.append(event)
+
     task, _, _ = tiny_gpt_task(play_text)
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    cosine = dict(lr_schedule="cosine", eval_interval=4)
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
-        fit(task, tiny_train_config(max_iters=4, eval_interval=4), tmp_path / "a", progress=False)
+        fit(task, tiny_train_config(max_iters=4, warmup_iters=1, lr_decay_iters=4, **cosine),
+            tmp_path / "a", progress=False)
         n_short = len(compiles)
-        fit(task, tiny_train_config(max_iters=12, eval_interval=4), tmp_path / "b",
-            progress=False)
+        misses.clear()
+        fit(task, tiny_train_config(max_iters=12, warmup_iters=3, lr_decay_iters=12,
+                                    learning_rate=1e-3, min_lr=1e-4, **cosine),
+            tmp_path / "b", progress=False)
         n_long = len(compiles) - n_short
     finally:
         active[0] = False
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
     # Each fit compiles its steps afresh; three times the steps add no compilation.
     assert 0 < n_long <= n_short
+    # The schedule's numbers (steps, rates) are arguments of the compiled step, not
+    # constants: the longer run's programs are the short run's, from the persistent cache.
+    assert misses == []
 
 
 def test_a_long_run_says_how_long_after_its_first_steps(tmp_path, play_text, monkeypatch):

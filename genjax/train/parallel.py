@@ -35,6 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from genjax.train.optim import Schedule
 from genjax.train.steps import (Evaluation, LossFn, Objective, Optimizers,
                                 make_batch_drawing_eval, make_batch_drawing_train_step,
                                 make_eval_step, make_train_step)
@@ -173,13 +174,25 @@ class Engine:
         (see :func:`genjax.train.steps.make_batch_drawing_train_step`). ``state``, keys,
         the returned state and metrics are replicated arrays (under ``fsdp`` the state is
         placed by :meth:`state_sharding`, in and out).
+
+        A ``schedule`` that is a :class:`genjax.train.optim.Schedule` (as
+        :func:`~genjax.train.optim.make_optimizer` makes) is placed on the devices once and
+        passed to the program as an argument (``lr_schedule``), not compiled into it: runs
+        that differ only in the schedule's numbers (``--max-iters``, warm-up, rates) share
+        one program and its entry in the persistent compilation cache.
         """
+        runtime = schedule if isinstance(schedule, Schedule) else None
+        if runtime is not None:
+            schedule = None
+        n_args = 3 + (runtime is not None)
         if batch_fn is None:
+            step = make_train_step(objective, tx, schedule,
+                                   axis_name=PMAP_AXIS if self.kind == "pmap" else None)
             if self.kind == "pmap":
-                step = make_train_step(objective, tx, schedule, axis_name=PMAP_AXIS)
-                return jax.pmap(step, axis_name=PMAP_AXIS, in_axes=(None, 0, None),
-                                out_axes=(None, None), devices=self.devices, donate_argnums=0)
-            step = make_train_step(objective, tx, schedule)
+                compiled = jax.pmap(step, axis_name=PMAP_AXIS,
+                                    in_axes=(None, 0, None, None)[:n_args],
+                                    out_axes=(None, None), devices=self.devices,
+                                    donate_argnums=0)
             second = self.batch_sharding  # the batch
         else:
             step = make_batch_drawing_train_step(
@@ -189,12 +202,18 @@ class Engine:
                 batch_sharding=(self.batch_sharding if self.kind in ("sharding", "fsdp")
                                 else None))
             if self.kind == "pmap":
-                return self._pmap_replicated(step, 3, out_axes=(None, None), donate_argnums=0)
+                compiled = self._pmap_replicated(step, n_args, out_axes=(None, None),
+                                                 donate_argnums=0)
             second = self.replicated  # the data key
         if self.kind in ("sharding", "fsdp"):
-            return self._mesh_jit(step, (second, self.replicated), self.replicated,
-                                  returns_state=True, donate_argnums=0)
-        return jax.jit(step, donate_argnums=0)
+            compiled = self._mesh_jit(step, (second,) + (self.replicated,) * (n_args - 2),
+                                      self.replicated, returns_state=True, donate_argnums=0)
+        elif self.kind != "pmap":
+            compiled = jax.jit(step, donate_argnums=0)
+        if runtime is None:
+            return compiled
+        placed = self.put_replicated(runtime)
+        return lambda state, *args: compiled(state, *args, placed)
 
     def compile_eval_step(self, objective: Union[LossFn, Evaluation]):
         """The compiled ``(variables, batch, key) -> metrics`` with dropout off (see

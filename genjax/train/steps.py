@@ -256,7 +256,7 @@ def _check_groups(updates: Sequence[Update], tx: Optimizers) -> None:
 def make_train_step(objective: Objective, tx: Optimizers,
                     schedule: Optional[optax.Schedule] = None,
                     axis_name: Optional[str] = None):
-    """Build the pure step ``(state, batch, key) -> (state, metrics)``.
+    """Build the pure step ``(state, batch, key, lr_schedule=None) -> (state, metrics)``.
 
     One step runs the updates of ``objective`` (see :func:`as_updates`) in order: for
     each, the loss and its gradients with respect to its parameter group on ``batch``,
@@ -273,6 +273,12 @@ def make_train_step(objective: Objective, tx: Optimizers,
       tx: one optax optimizer, or with grouped updates a dict of one per group.
       schedule: the learning rate by step, reported as ``lr``.
 
+    ``lr_schedule``, when given (a :class:`genjax.train.optim.Schedule`, an argument of
+    the compiled step: the engines pass it), is the rate by step instead of ``schedule``,
+    reported and passed to each optimizer's ``update`` as its ``lr_schedule`` extra
+    argument (:func:`genjax.train.optim.make_optimizer`'s use it), so that the schedule's
+    numbers are not constants of the compiled program.
+
     ``metrics`` holds each update's ``loss`` and ``grad_norm`` (global L2 norm of the
     averaged gradients), prefixed by its name, its loss function's metrics and, with
     ``schedule``, ``lr`` (the rate used at this step).
@@ -283,7 +289,7 @@ def make_train_step(objective: Objective, tx: Optimizers,
     updates = as_updates(objective)
     _check_groups(updates, tx)
 
-    def apply_update(update: Update, params, opt_state, model_state, batch, key):
+    def apply_update(update: Update, params, opt_state, model_state, batch, key, extra):
         group = update.group
         trained = params if group is None else params[group]
 
@@ -302,7 +308,7 @@ def make_train_step(objective: Objective, tx: Optimizers,
         model_state = _with_owned_state(model_state, owned, group)
         group_tx = tx if group is None else tx[group]
         group_opt = opt_state if group is None else opt_state[group]
-        changes, group_opt = group_tx.update(grads, group_opt, trained)
+        changes, group_opt = group_tx.update(grads, group_opt, trained, **extra)
         trained = optax.apply_updates(trained, changes)
         metrics[f"{prefix}grad_norm"] = optax.tree.norm(grads)
         if group is None:
@@ -310,8 +316,9 @@ def make_train_step(objective: Objective, tx: Optimizers,
         return ({**params, group: trained}, {**opt_state, group: group_opt}, model_state,
                 metrics)
 
-    def train_step(state: TrainState, batch, key):
+    def train_step(state: TrainState, batch, key, lr_schedule=None):
         params, opt_state, model_state = state.params, state.opt_state, state.model_state
+        extra = {} if lr_schedule is None else {"lr_schedule": lr_schedule}
         metrics = {}
         for i, update in enumerate(updates):
             update_key = key if len(updates) == 1 else jax.random.fold_in(key, i)
@@ -322,14 +329,15 @@ def make_train_step(objective: Objective, tx: Optimizers,
                     repeat_key = jax.random.fold_in(update_key, r)
                     repeat_batch = jax.tree.map(lambda x: x[:, r], batch)
                 params, opt_state, model_state, update_metrics = apply_update(
-                    update, params, opt_state, model_state, repeat_batch, repeat_key)
+                    update, params, opt_state, model_state, repeat_batch, repeat_key, extra)
             clash = sorted(set(metrics) & set(update_metrics))
             if clash:
                 raise ValueError(f"updates report the same metric names {clash}: name the "
                                  "updates, or their loss functions' metrics, apart")
             metrics.update(update_metrics)
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        rate = schedule if lr_schedule is None else lr_schedule
+        if rate is not None:
+            metrics["lr"] = jnp.asarray(rate(state.step), jnp.float32)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                              model_state=model_state), metrics
 
@@ -341,7 +349,8 @@ def make_batch_drawing_train_step(objective: Objective, tx: Optimizers,
                                   schedule: Optional[optax.Schedule] = None,
                                   axis_name: Optional[str] = None, n_shares: int = 1,
                                   batch_sharding=None):
-    """Build ``(state, data_key, dropout_key) -> (state, metrics)``, drawing its own batch.
+    """Build ``(state, data_key, dropout_key, lr_schedule=None) -> (state, metrics)``,
+    drawing its own batch.
 
     The same step as :func:`make_train_step`, but the global batch of step ``state.step``
     is drawn inside the program, ``batch_fn(data_key, state.step)``, and the dropout key
@@ -349,7 +358,7 @@ def make_batch_drawing_train_step(objective: Objective, tx: Optimizers,
     would pass (see :func:`genjax.train.loop.fit`), without any host work per step.
 
     Args:
-      objective, tx, schedule: as :func:`make_train_step`.
+      objective, tx, schedule: as :func:`make_train_step` (and ``lr_schedule``).
       batch_fn: ``(data_key, step) -> batch``, traceable (``step`` is an int32 tracer),
         returning the global batch (leading axis: the global batch size).
       axis_name, n_shares: under ``jax.pmap``, each of the ``n_shares`` devices keeps
@@ -358,10 +367,11 @@ def make_batch_drawing_train_step(objective: Objective, tx: Optimizers,
     """
     train_step = make_train_step(objective, tx, schedule, axis_name)
 
-    def step(state: TrainState, data_key, dropout_key):
+    def step(state: TrainState, data_key, dropout_key, lr_schedule=None):
         batch = batch_fn(data_key, state.step)  # the global batch of this step
         batch = _device_share(batch, axis_name, n_shares, batch_sharding)
-        return train_step(state, batch, jax.random.fold_in(dropout_key, state.step))
+        return train_step(state, batch, jax.random.fold_in(dropout_key, state.step),
+                          lr_schedule)
 
     return step
 
