@@ -308,6 +308,8 @@ def make_train_step(objective: Objective, tx: Optimizers,
         model_state = _with_owned_state(model_state, owned, group)
         group_tx = tx if group is None else tx[group]
         group_opt = opt_state if group is None else opt_state[group]
+        # (an optimizer without extra arguments, its own rate inside, ignores lr_schedule)
+        group_tx = optax.with_extra_args_support(group_tx) if extra else group_tx
         changes, group_opt = group_tx.update(grads, group_opt, trained, **extra)
         trained = optax.apply_updates(trained, changes)
         metrics[f"{prefix}grad_norm"] = optax.tree.norm(grads)
