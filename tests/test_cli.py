@@ -132,6 +132,15 @@ def test_the_record_of_the_latest_start_is_the_one_resumed(tmp_path, capsys):
         os.utime(run / name, ns=(10**18, 10**18))  # a copy that reset the times
     assert saved_config(resumed)["train"]["batch_size"] == 16  # then the latest step
     assert resolve_configs(resumed, exp.PRESETS, lambda: "cpu")[2].batch_size == 16
+    # Records say when their start began: that decides, whatever the files' times (a
+    # `cp -r` gives them new ones in the order it copies).
+    for name, started in (("config.json", "2026-01-01T10:00:00+00:00"),
+                          ("config.resume-1000.json", "2026-01-01T11:00:00+00:00"),
+                          ("config.resume-250.json", "2026-01-01T12:00:00+00:00")):
+        path = run / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "started": started}))
+    os.utime(run / "config.json", ns=(10**18 + 5, 10**18 + 5))  # copied last
+    assert saved_config(resumed)["train"]["batch_size"] == 8  # the newest start: 250
     (run / "config.resume-2000.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="config.resume-2000.json is not a run's config record"):
         saved_config(resumed)

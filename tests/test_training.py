@@ -1,4 +1,5 @@
 import dataclasses
+import datetime
 import importlib.util
 import json
 import math
@@ -57,7 +58,10 @@ def test_run_dir_records(tmp_path, play_text):
     task, _, _ = tiny_gpt_task(play_text)
     run = tmp_path / "run"
     fit(task, tiny_train_config(), run, config_record={"hello": 1}, progress=False)
-    assert json.loads((run / "config.json").read_text()) == {"hello": 1}
+    record = json.loads((run / "config.json").read_text())
+    started = datetime.datetime.fromisoformat(record.pop("started"))  # when this start began
+    assert record == {"hello": 1}
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()) < 600
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 4, 8]
     for key in ("train_loss", "val_loss", "elapsed_s", "lr"):

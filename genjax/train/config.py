@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import math
 import pathlib
 from typing import Literal, Optional
@@ -101,17 +103,32 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 def config_records(run_dir) -> list[pathlib.Path]:
     """The config records of the run in ``run_dir``, oldest start first: ``config.json``
     (its first start) and each ``config.resume-<step>.json`` (a resume that changed the
-    config; see :func:`genjax.train.loop.fit`). Ordered by modification time, then by the
-    step in the name (``config.json`` is step 0), so that a copy that reset the times still
-    orders right. Empty when there are none (or no such directory)."""
+    config; see :func:`genjax.train.loop.fit`). Ordered by the time written inside each
+    record (``started``, so that a copy of the run directory orders right whatever its
+    files' times), for a record without one (an older genjax's) by its modification time,
+    then by the step in the name (``config.json`` is step 0). Empty when there are none
+    (or no such directory)."""
     run_dir = pathlib.Path(run_dir)
     records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
 
     def order(path: pathlib.Path) -> tuple:
         step = path.stem.rpartition("-")[2]
-        return path.stat().st_mtime_ns, int(step) if step.isdigit() else 0
+        try:  # (in nanoseconds since the epoch, as the files' times)
+            started = datetime.datetime.fromisoformat(json.loads(path.read_text())["started"])
+            started_ns = (started - _EPOCH) // datetime.timedelta(microseconds=1) * 1000
+        except (OSError, ValueError, KeyError, TypeError):
+            started_ns = path.stat().st_mtime_ns
+        return started_ns, int(step) if step.isdigit() else 0
 
     return sorted(records, key=order)
+
+
+def started_now() -> str:
+    """The ``started`` entry of a config record: now, in ISO 8601 with microseconds, UTC."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()

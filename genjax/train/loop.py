@@ -33,7 +33,7 @@ import optax
 from tqdm.auto import tqdm
 
 from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, saved_steps
-from genjax.train.config import TrainConfig, config_records
+from genjax.train.config import TrainConfig, config_records, started_now
 from genjax.train.optim import make_optimizer
 from genjax.train.parallel import Engine, make_engine
 from genjax.train.steps import (Evaluation, LossFn, Optimizers, TrainState, Update,
@@ -570,6 +570,8 @@ def _config_changed(run_dir: pathlib.Path, config_record: dict) -> bool:
         latest = json.loads(records[-1].read_text()) if records else None
     except (OSError, ValueError):
         return True
+    if isinstance(latest, dict):
+        latest.pop("started", None)
     return latest != json.loads(json.dumps(config_record))
 
 
@@ -616,8 +618,9 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     ``batch_loss`` or ``batch_{name}_loss``) to ``metrics.jsonl`` and saves a checkpoint
     (the train state with its model state, and the run's keys; except at step 0).
     ``config_record`` (the experiment's whole config) is written to ``config.json``, or
-    beside it as ``config.resume-<step>.json`` on a resumption that changed it. With
-    ``plot``, each evaluation also redraws ``loss.png``
+    beside it as ``config.resume-<step>.json`` on a resumption that changed it, with the
+    time of this start as ``started`` (see :func:`~genjax.train.config.config_records`).
+    With ``plot``, each evaluation also redraws ``loss.png``
     (:func:`genjax.viz.save_loss_curves`; the experiments turn it on). ``progress``: a bar
     on a terminal, plain lines otherwise (:class:`_Progress`).
     ``tensorboard``: each record's numbers also go to TensorBoard event files in
@@ -689,7 +692,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         if (config_record is not None and step0 < cfg.max_iters  # a no-op resume: none
                 and (step0 == 0 or _config_changed(run_dir, config_record))):
             name = "config.json" if step0 == 0 else f"config.resume-{step0}.json"
-            _write_json(run_dir / name, config_record)
+            _write_json(run_dir / name, {**config_record, "started": started_now()})
     if not resume:
         ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
 
