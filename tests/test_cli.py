@@ -106,6 +106,29 @@ def test_planned_batch_size_of_a_resumed_run(tmp_path):
     assert planned_batch_size(given, exp.PRESETS, "cpu") == 8
 
 
+def test_a_resume_splits_the_host_as_the_run_did(tmp_path, monkeypatch):
+    # A run started with --devices 4 on a 2-core host was split into 4 host devices; its
+    # resume, without the flag, must be too (else: "--devices 4 exceeds the 2 available").
+    import genjax.train.parallel as parallel
+    from genjax.train.cli import start_run
+
+    splits = []
+    monkeypatch.setattr(parallel, "split_host_into_devices",
+                        lambda batch, n=None: splits.append((batch, n)))
+    run = tmp_path / "run"
+    (run / "checkpoints" / "10").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(
+        {"experiment": "gpt_shakespeare", "preset": "cpu", "model": {},
+         "train": {"batch_size": 12, "devices": 4}}))
+    start_run(exp.Train(run_dir=str(run), resume=True), 12, "gpt_shakespeare", check=False)
+    start_run(exp.Train(run_dir=str(run), resume=True, devices=2), 12, "gpt_shakespeare",
+              check=False)
+    start_run(exp.Train(run_dir=str(run), resume=True, host_devices=3), 12, "gpt_shakespeare",
+              check=False)
+    start_run(exp.Train(run_dir=str(tmp_path / "new")), 12, "gpt_shakespeare", check=False)
+    assert splits == [(12, 4), (12, 2), (12, 3), (12, None)]
+
+
 def test_the_record_of_the_latest_start_is_the_one_resumed(tmp_path, capsys):
     import os
 

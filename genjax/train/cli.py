@@ -595,7 +595,7 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     """What every experiment does before JAX touches a device: ``jax.distributed``
     initialisation (``--distributed``), the CPU host split into devices
     (:func:`genjax.train.parallel.split_host_into_devices`: ``--host-devices``, else
-    ``--devices``, else one per core), the persistent compilation cache
+    ``--devices`` or the resumed run's, else one per core), the persistent compilation cache
     (:func:`enable_compile_cache`), and with ``check`` the run directory's check
     (:func:`genjax.train.loop.check_run_dir`, before any data is loaded; :func:`fit` checks
     again); returns the run directory, absolute and normalised (messages name it so).
@@ -667,7 +667,11 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
                                  f"({first[:300]}); outside a detected cluster give "
                                  "--coordinator-address, --num-processes and --process-id") \
                     from e
-    host_devices = args.host_devices if args.host_devices is not None else args.devices
+    devices = args.devices
+    if devices is None and args.resume:  # a resume splits the host as the run did
+        saved = (saved_config(args) or {}).get("train", {}).get("devices")
+        devices = saved if isinstance(saved, int) and saved >= 1 else None
+    host_devices = args.host_devices if args.host_devices is not None else devices
     split_host_into_devices(batch_size, host_devices)
     enable_compile_cache(args.compile_cache)
     run_dir = given or pathlib.Path(
