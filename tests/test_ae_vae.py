@@ -213,7 +213,7 @@ def test_image_experiments_end_to_end(experiment, tmp_path):
                                              "'mnist'\\)"):
             exp.main(["--run-dir", str(run), "--resume", "--max-iters", "8", "--data-dir",
                       str(tmp_path / "full"), "--batch-size", "8"])
-    with pytest.raises(SystemExit, match="latent_dim must be a positive integer"):
+    with pytest.raises(SystemExit, match="--latent-dim must be a positive integer"):
         exp.main(flags[:-2] + ["--latent-dim", "0", "--run-dir", str(tmp_path / "r2")])
     # another experiment's commands on this run: one line naming the one that wrote it
     from experiments import gan_mnist, gpt_shakespeare

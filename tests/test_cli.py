@@ -114,7 +114,7 @@ def test_a_resume_splits_the_host_as_the_run_did(tmp_path, monkeypatch):
 
     splits = []
     monkeypatch.setattr(parallel, "split_host_into_devices",
-                        lambda batch, n=None: splits.append((batch, n)))
+                        lambda batch, n=None: splits.append((batch, n)) or 0)
     run = tmp_path / "run"
     (run / "checkpoints" / "10").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(
@@ -170,7 +170,8 @@ def test_the_record_of_the_latest_start_is_the_one_resumed(tmp_path, capsys):
 
 
 def test_cli_errors_are_clear(tmp_path, text_file):
-    with pytest.raises(SystemExit, match="n_embd=30 is not divisible by n_head=4"):
+    # (config fields written as the flags they are)
+    with pytest.raises(SystemExit, match="--n-embd 30 is not divisible by --n-head 4"):
         exp.main(["--text-file", str(text_file), "--run-dir", str(tmp_path / "r"),
                   "--n-embd", "30", "--n-head", "4"])
     with pytest.raises(SystemExit, match="global batch size 10 is not divisible by the 8"):
@@ -195,6 +196,10 @@ def test_cli_errors_are_clear(tmp_path, text_file):
         exp.main(["--data-dir", str(tmp_path / "no-such-folder"), "--run-dir",
                   str(tmp_path / "r"), "--batch-size", "7", "--devices", "2"])
     assert not (tmp_path / "r").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="afile is a file, not a directory; choose another "
+                                         "--run-dir"):
+        exp.main(["--run-dir", str(tmp_path / "afile" / "run"), *TINY_FLAGS])
 
 
 def test_accelerator_presets_on_a_cpu_warn(capsys):
@@ -270,8 +275,22 @@ def test_unknown_flags_and_demo_help(capsys):
 
     _refuse_unknown_flags(exp.Train, ["--max_iters", "3", "--no_resume", "--data-dir=x"], "p")
     _refuse_unknown_flags(exp.Sample, ["--prompt", "--- ACT I ---", "--run-dir", "d"], "p")
-    with pytest.raises(SystemExit, match="learning_rate must be a finite number, got nan"):
+    with pytest.raises(SystemExit, match="--learning-rate must be a finite number, got nan"):
         exp.main(["--learning-rate", "nan", "--run-dir", "/nonexistent/never"])
+    # A value its flag cannot take: one line, before anything starts (not tyro's box).
+    for argv, line in ((["--preset", "gpu"], "--preset gpu: choose one of cpu, lecture; did "
+                        "you mean lecture?"),
+                       (["--preset=CPU"], "--preset CPU: choose one of cpu, lecture; did you "
+                        "mean cpu?"),
+                       (["--max-iters", "abc"], "--max-iters abc: not an integer"),
+                       (["--parallel", "fsd"], "--parallel fsd: choose one of pmap, sharding, "
+                        "fsdp, none; did you mean fsdp?"),
+                       (["sample", "--run-dir", "d", "--temperature", "hot"],
+                        "--temperature hot: not a number")):
+        with pytest.raises(SystemExit) as info:
+            exp.main(argv)
+        assert info.value.code == 2 and capsys.readouterr().err.strip() == "error: " + line
+    _refuse_unknown_flags(exp.Train, ["--max-iters", "None", "--learning-rate", "3e-4"], "p")
 
 
 def test_compile_cache_flag(tmp_path, monkeypatch):

@@ -313,7 +313,7 @@ def test_gan_experiment_end_to_end(digits_dir, digits_classifier, tmp_path, caps
     resumed = json.loads((run / "config.resume-4.json").read_text())
     assert resumed["model"] == {**config["model"], "label_smoothing": 0.1}
     assert resumed["classifier"] == str(digits_classifier) and resumed["metrics"] == "on"
-    with pytest.raises(SystemExit, match="model config differs .*latent_dim: checkpoint 16 vs "
+    with pytest.raises(SystemExit, match="model config differs .*--latent-dim: checkpoint 16 vs "
                                          "requested 8"):
         gan_mnist.main(["--run-dir", str(run), "--resume", "--max-iters", "8",
                         "--latent-dim", "8"])
@@ -325,7 +325,7 @@ def test_gan_bad_input_is_one_line_and_writes_nothing(digits_dir, digits_classif
     run = tmp_path / "run"
     base = ["--data-dir", str(digits_dir), "--run-dir", str(run), "--max-iters", "2",
             "--batch-size", "16"]
-    with pytest.raises(SystemExit, match="latent_dim must be a positive integer, got 0"):
+    with pytest.raises(SystemExit, match="--latent-dim must be a positive integer, got 0"):
         gan_mnist.main(base + ["--latent-dim", "0", "--classifier", str(digits_classifier)])
     with pytest.raises(SystemExit, match="--eval-iters: this experiment evaluates every "
                                          "held-out image"):

@@ -9,8 +9,10 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import time
+import typing
 from typing import Annotated, Callable, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import tyro
@@ -25,6 +27,10 @@ ALIASES = {"--lr": "--learning-rate", "--iters": "--max-iters", "--steps": "--ma
            "--n-heads": "--n-head", "--n-layers": "--n-layer"}
 """Flags of other tools (nanoGPT's, the field's abbreviations) and the flag to suggest for
 each, rather than the nearest spelling (``--lr`` is nearest to ``--min-lr``)."""
+
+VALUE_ALIASES = {("--preset", "gpu"): "lecture", ("--preset", "tpu"): "lecture"}
+"""Values meant for another experiment's choices, and the choice to suggest when it is one
+of this flag's (the GPT's GPU preset is ``lecture``)."""
 
 
 def parse_command(commands: Mapping[str, type], default: str,
@@ -74,20 +80,24 @@ def _refuse_unknown_flags(cls: type, argv: Sequence[str], command: str) -> None:
     ``--no-`` for booleans, ``--flag=value``); the token after a flag that takes a value
     is that value, whatever it looks like."""
     known = {"--help": False, "-h": False}  # flag -> whether it takes a value
+    hints = typing.get_type_hints(cls)
+    kinds = {}  # flag -> its value's type, where one line can check it
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         boolean = field.type in (bool, "bool")
         known[flag] = not boolean
         if boolean:
             known["--no-" + flag[2:]] = False
-    skip = False
+        kinds[flag] = hints.get(field.name)
+    pending = None  # the flag whose value comes next
     for token in argv:
-        if skip:
-            skip = False
+        if pending is not None:
+            _check_value(pending, token, kinds.get(pending))
+            pending = None
             continue
         if not token.startswith("--"):
             continue
-        flag, _, value = token.partition("=")
+        flag, equals, value = token.partition("=")
         flag = "--" + flag[2:].replace("_", "-")
         if flag not in known:
             close = [ALIASES[flag]] if ALIASES.get(flag) in known else \
@@ -95,7 +105,40 @@ def _refuse_unknown_flags(cls: type, argv: Sequence[str], command: str) -> None:
             print(f"error: unknown flag {flag}" + (f"; did you mean {close[0]}?" if close else "")
                   + f" All flags: {command} --help", file=sys.stderr)
             raise SystemExit(2)
-        skip = known[flag] and not value
+        if known[flag] and equals:
+            _check_value(flag, value, kinds.get(flag))
+        elif known[flag]:
+            pending = flag
+
+
+def _check_value(flag: str, value: str, kind) -> None:
+    """One line (exit status 2) for a value that ``kind`` (a flag's type: ``int``,
+    ``float``, a ``Literal`` of choices, each maybe ``Optional``) cannot take; other types
+    are left to tyro."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is Union and type(None) in args:  # Optional[...]
+        if value == "None":
+            return
+        rest = [a for a in args if a is not type(None)]
+        kind = rest[0] if len(rest) == 1 else None
+    if typing.get_origin(kind) is Literal:
+        choices = [str(c) for c in typing.get_args(kind)]
+        if value not in choices:
+            alias = VALUE_ALIASES.get((flag, value.lower()))
+            close = [alias] if alias in choices else \
+                [c for c in choices if c.lower() == value.lower()] or \
+                difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            print(f"error: {flag} {value}: choose one of {', '.join(choices)}{hint}",
+                  file=sys.stderr)
+            raise SystemExit(2)
+    elif kind in (int, float):
+        try:
+            kind(value)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            print(f"error: {flag} {value}: not {what}", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def _description(cls: type, presets: Optional[Mapping[str, tuple]]) -> str:
@@ -243,11 +286,26 @@ def run_command(fn, args):
         request_stop(None)
 
 
+def as_flags(message: str, args) -> str:
+    """``message`` with the config field names that are also flags of ``args`` (a
+    dataclass of parsed flags) written as the flags: ``max_iters must be ...`` becomes
+    ``--max-iters must be ...``, ``n_head=3`` becomes ``--n-head 3``. A name without an
+    underscore (``dropout``, ``seed``: also plain words) only before ``=`` or `` must``."""
+    if not dataclasses.is_dataclass(args):
+        return message
+    for name in sorted((f.name for f in dataclasses.fields(args)), key=len, reverse=True):
+        flag = "--" + name.replace("_", "-")
+        pattern = re.escape(name) + (r"(?!\w)" if "_" in name else r"(?==| must\b)")
+        message = re.sub(r"(?<![\w-])" + pattern + r"(=(?=\S))?",
+                         lambda m: flag + (" " if m.group(1) else ""), message)
+    return message
+
+
 def _run(fn, args, errors: tuple, interrupted):
     try:
         return fn(args)
     except (ValueError, OSError, *errors) as e:
-        raise SystemExit(f"error: {e}") from e
+        raise SystemExit(f"error: {as_flags(str(e), args)}") from e
     except interrupted as e:  # fit has said where the run stands, in one line
         raise SystemExit(e.status) from None
     except KeyboardInterrupt:  # before or after training
@@ -672,7 +730,12 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
         saved = (saved_config(args) or {}).get("train", {}).get("devices")
         devices = saved if isinstance(saved, int) and saved >= 1 else None
     host_devices = args.host_devices if args.host_devices is not None else devices
-    split_host_into_devices(batch_size, host_devices)
+    split = split_host_into_devices(batch_size, host_devices)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if host_devices is None and 0 < split < (cores or 1) and jax.process_count() == 1:
+        say(f"the global batch {batch_size} is not divisible by this host's {cores} cores: "
+            f"{split} host device(s) instead of one per core, which is faster; a --batch-size "
+            f"divisible by {cores} gets one per core")
     enable_compile_cache(args.compile_cache)
     run_dir = given or pathlib.Path(
         f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}").resolve()

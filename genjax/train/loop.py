@@ -467,7 +467,12 @@ def check_run_dir(run_dir, resume: bool) -> None:
         ``config.json`` / ``metrics.jsonl`` of a run that stopped before its first
         checkpoint (a new run would overwrite and append to them).
       FileNotFoundError: ``resume`` is True and ``run_dir`` holds no checkpoint.
+      NotADirectoryError: ``run_dir`` (or a folder above it) is a file.
     """
+    for folder in (pathlib.Path(run_dir), *pathlib.Path(run_dir).parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"--run-dir {run_dir}: {folder} is a file, not a "
+                                     "directory; choose another --run-dir")
     steps = saved_steps(run_dir)
     if steps and not resume:
         raise FileExistsError(
