@@ -74,11 +74,12 @@ def test_offline_without_data_dir_prepares_the_embedded_copy(tmp_path):
     # In its own process, as a first run would: one line, no TFDS bars, absl warnings or
     # TensorFlow start-up notices.
     code = ("import genjax.data.text as T; T.network_reachable = lambda *a, **k: False; "
-            f"tr, va = T.load_tiny_shakespeare(tfds_data_dir={str(tmp_path / 'tfds')!r}); "
-            "print(len(tr), len(va))")
+            "tr, va = T.load_tiny_shakespeare(); print(len(tr), len(va))")
+    # (TFDS's own default folder, named in the line)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "GENJAX_DATA_DIR": "",
-                                          "GENJAX_CACHE_DIR": str(tmp_path / "cache")})
+                                          "GENJAX_CACHE_DIR": str(tmp_path / "cache"),
+                                          "TFDS_DATA_DIR": str(tmp_path / "tfds")})
     assert out.stderr == ""
     assert out.stdout.splitlines() == [
         "preparing tiny_shakespeare once, from the copy embedded in genjax (no network, no "

@@ -19,7 +19,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from genjax.data import embedded
-from genjax.data.tfds import import_tensorflow, import_tfds, network_reachable, quietly
+from genjax.data.tfds import (default_data_dir, import_tensorflow, import_tfds,
+                              network_reachable, quietly)
 
 DATA_DIR_ENV = "GENJAX_DATA_DIR"
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
@@ -168,7 +169,7 @@ def load_mnist(data_dir=None, tfds_data_dir=None, log: Callable[[str], None] = p
                 "MNIST test set embedded in genjax (--data-dir DIR or GENJAX_DATA_DIR "
                 "points to other IDX files)")
             return load_mnist_idx(embedded.mnist_dir(), log)
-        log(f"preparing mnist once, from its download, in {tfds_data_dir or 'the TFDS data folder'}")
+        log(f"preparing mnist once, from its download, in {tfds_data_dir or default_data_dir()}")
         import_tensorflow()
         with quietly(tfds):
             builder.download_and_prepare()

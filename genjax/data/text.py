@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from genjax.data import embedded
-from genjax.data.tfds import (import_tensorflow, import_tfds,
+from genjax.data.tfds import (default_data_dir, import_tensorflow, import_tfds,
                               network_reachable, quietly)
 
 TRAIN_FRACTION = 0.9
@@ -175,7 +175,7 @@ def load_tiny_shakespeare(data_dir=None, tfds_data_dir=None,
             manual = embedded.shakespeare_dir()
             source = "the copy embedded in genjax (no network, no --data-dir)"
         log(f"preparing tiny_shakespeare once, from {source}, in "
-            f"{tfds_data_dir or 'the TFDS data folder'}")
+            f"{tfds_data_dir or default_data_dir()}")
         import_tensorflow()
         config = tfds.download.DownloadConfig(manual_dir=str(manual) if manual else None)
         with quietly(tfds):

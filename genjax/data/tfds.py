@@ -75,3 +75,9 @@ def quietly(tfds):
     finally:
         absl_logging.set_verbosity(verbosity)
         tfds.display_progress_bar(bars)
+
+
+def default_data_dir() -> str:
+    """The folder TFDS prepares data sets in when none is given: ``$TFDS_DATA_DIR``, else
+    ``~/tensorflow_datasets`` (TFDS's default), expanded."""
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
