@@ -1,3 +1,4 @@
+import dataclasses
 import gc
 import json
 import os
@@ -526,6 +527,13 @@ def test_short_runs_scale_the_presets_warmup(capsys):
     assert train.warmup_iters == 0 and "warm-up: no warm-up instead" in capsys.readouterr().out
     _, _, train, _, _ = exp.resolve(exp.Train(preset="cpu", max_iters=500))
     assert train.warmup_iters == 100  # it fits: unchanged
+    from genjax.train.cli import schedule_over_run  # a resume: the run's warm-up and share
+
+    run = dataclasses.replace(exp.PRESETS["cpu"][1], max_iters=300, lr_decay_iters=300)
+    shorter = schedule_over_run(dataclasses.replace(run, max_iters=50),
+                                exp.Train(run_dir="r", resume=True, max_iters=50), base=run)
+    assert shorter.warmup_iters == 16 and "--max-iters 50 is within the run's 100-step " \
+        "warm-up: warming up for 16 steps" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--warmup-iters 60 must be below --max-iters 50"):
         exp.resolve(exp.Train(preset="cpu", max_iters=50, warmup_iters=60))
 

@@ -601,7 +601,8 @@ def schedule_over_run(train, args: Optional[RunArgs] = None, base=None):
         share = base.warmup_iters / max(base.max_iters, 1) if base.max_iters > base.warmup_iters \
             else 0.05
         warmup = min(int(share * train.max_iters), train.max_iters - 1)
-        say(f"--max-iters {train.max_iters} is within the preset's {train.warmup_iters}-step "
+        whose = "the run's" if getattr(args, "resume", False) else "the preset's"
+        say(f"--max-iters {train.max_iters} is within {whose} {train.warmup_iters}-step "
             + (f"warm-up: warming up for {warmup} steps instead (the same share of the run)"
                if warmup else "warm-up: no warm-up instead (its share of the run is under a "
                "step)"))
