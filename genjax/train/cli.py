@@ -80,7 +80,10 @@ def _refuse_unknown_flags(cls: type, argv: Sequence[str], command: str) -> None:
     ``--no-`` for booleans, ``--flag=value``); the token after a flag that takes a value
     is that value, whatever it looks like."""
     known = {"--help": False, "-h": False}  # flag -> whether it takes a value
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # (an annotation that cannot be resolved here: tyro checks values)
+        hints = {}
     kinds = {}  # flag -> its value's type, where one line can check it
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
