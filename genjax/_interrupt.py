@@ -3,60 +3,75 @@
 Two things go wrong with Python's own handling while JAX is imported and the command is
 being set up:
 
-- the ``KeyboardInterrupt`` may land inside a garbage-collector callback (JAX registers
-  one) or a ``__del__`` method, where Python prints it as "Exception ignored" and drops it:
-  the Ctrl-C is lost and the program runs on;
+- the ``KeyboardInterrupt`` may land where Python cannot raise it (a garbage-collector
+  callback, which JAX registers; a ``__del__`` method; a weakref callback), so Python prints
+  it as "Exception ignored" and drops it: the Ctrl-C is lost and the program runs on;
 - otherwise it ends the program with a traceback of whatever was being imported.
 
-:func:`install` fixes both for the process: the SIGINT handler raises
-``KeyboardInterrupt`` as Python's does, except inside such a callback, where it sends the
-signal again 50 ms later; and an unhandled ``KeyboardInterrupt`` is one ``interrupted``
-line on stderr, Python still ending with the SIGINT exit status (130 in a shell).
-Training replaces the handler while it runs (:func:`genjax.train.loop.fit`) and puts this
-one back after.
+:func:`install` fixes both for the process: a ``KeyboardInterrupt`` that Python could not
+raise is delivered again (SIGINT to the process, 50 ms later, from a daemon thread), and
+an unhandled one is one ``interrupted`` line on stderr, Python still ending with the
+SIGINT exit status (130 in a shell); so is an error that a Ctrl-C caused (a C extension
+whose initialisation it interrupted), exit status 130. Training handles SIGINT itself while it runs
+(:func:`genjax.train.loop.fit`).
 """
 
 from __future__ import annotations
 
-import gc
+import _thread
 import os
 import signal
 import sys
-import threading
+import time
 
-RETRY_S = 0.05  # how long after a Ctrl-C that met a callback it is delivered again
+RETRY_S = 0.05  # how long after a dropped Ctrl-C it is delivered again
+AFTER_CTRL_C_S = 5.0  # an unhandled error this soon after a Ctrl-C is the interruption's
 
-
-def _in_unraisable_context(frame) -> bool:
-    """Whether ``frame`` runs inside a gc callback or a ``__del__`` method, where an
-    exception is printed and dropped."""
-    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
+_state = {"pending": False, "last_sigint": None}
 
 
 def _sigint(signum, frame):
-    if _in_unraisable_context(frame):
-        threading.Timer(RETRY_S, os.kill, (os.getpid(), signum)).start()
-        return
+    """Python's own SIGINT handling (raise ``KeyboardInterrupt``), noting when."""
+    _state["last_sigint"] = time.monotonic()
     raise KeyboardInterrupt
 
 
+def _deliver_again(signum: int) -> None:
+    time.sleep(RETRY_S)
+    _state["pending"] = False
+    os.kill(os.getpid(), signum)
+
+
+def _unraisable(unraisable, _default=sys.unraisablehook):
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        if not _state["pending"]:  # (once for one Ctrl-C, however often it was dropped)
+            _state["pending"] = True
+            _thread.start_new_thread(_deliver_again, (signal.SIGINT,))  # (a daemon thread)
+    else:
+        _default(unraisable)
+
+
 def _excepthook(kind, value, traceback, _default=sys.excepthook):
+    last = _state["last_sigint"]
     if issubclass(kind, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
+    elif last is not None and time.monotonic() - last < AFTER_CTRL_C_S:
+        # A C extension interrupted while it initialised fails with its own error
+        # (tensorstore: "ImportError: initialization failed"): still the Ctrl-C.
+        print("interrupted", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
     else:
         _default(kind, value, traceback)
 
 
 def install() -> None:
-    """Install the SIGINT handler and ``sys.excepthook`` above (main thread only; a
-    SIGINT that Python's default handler no longer owns is left alone)."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    """Install the SIGINT handler, ``sys.unraisablehook`` and ``sys.excepthook`` above
+    (the handler only from the main thread, and only over Python's own)."""
+    import threading
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
         signal.signal(signal.SIGINT, _sigint)
+    sys.unraisablehook = _unraisable
     sys.excepthook = _excepthook

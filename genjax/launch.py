@@ -52,16 +52,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Gloo prints one such line per process and communicator when all its peers have joined;
-# it says nothing to the user. (A count short of the expected one is shown.)
+# Gloo prints one such message per process and communicator when all its peers have
+# joined; it says nothing to the user. Several communicators print at once, so their pieces
+# can share lines: a line made only of these pieces (and numbers) is dropped, unless it is
+# one whole message whose count is short of the expected one.
 _GLOO_JOINED = re.compile(r"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
                           r"Expected number of connected peer ranks is : (\d+)\s*")
+_GLOO_PIECES = re.compile(r"\[Gloo\] Rank | is connected to | peer ranks\. Expected number "
+                          r"of connected peer ranks is : |\d+|\s+")
+
+
+def _gloo_joined_only(line: str) -> bool:
+    whole = _GLOO_JOINED.fullmatch(line)
+    if whole:
+        return whole[1] == whole[2]
+    return (("[Gloo] Rank " in line or "peer ranks. Expected number" in line)
+            and not _GLOO_PIECES.sub("", line))
 
 
 def _relay(i: int, stream, lock: threading.Lock, muted: set) -> None:
     for line in stream:  # (read to the end: a process never blocks on a full pipe)
-        joined = _GLOO_JOINED.fullmatch(line)
-        if joined and joined[1] == joined[2]:
+        if _gloo_joined_only(line):
             continue
         with lock:
             if i not in muted and not _READER_GONE.is_set():

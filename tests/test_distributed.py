@@ -345,3 +345,21 @@ def test_vae_two_processes_equal_one(tmp_path, digits_dir):
         losses = [k for k in a if k in b and k.endswith(("_loss", "nats", "elbo", "nll"))]
         assert "test_neg_elbo" in losses or "neg_elbo" in losses, sorted(a)
         _same(a, b, losses)
+
+
+def test_the_launcher_drops_gloos_joined_lines_even_in_pieces():
+    from genjax.launch import _gloo_joined_only
+
+    joined = ("[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer "
+              "ranks is : 3\n")
+    assert _gloo_joined_only(joined)
+    # several communicators printing at once share lines (seen in a launcher's output)
+    assert _gloo_joined_only("[Gloo] Rank 1 is connected to [Gloo] Rank 1 is connected to 1 "
+                             "peer ranks. Expected number of connected peer ranks is : 1\n")
+    assert _gloo_joined_only("1 peer ranks. Expected number of connected peer ranks is : 1\n")
+    assert _gloo_joined_only("[Gloo] Rank 0[Gloo] Rank 1 is connected to 3 peer ranks. Expected "
+                             "number of connected peer ranks is : 3\n")
+    # a peer missing is shown, and so is everything else
+    assert not _gloo_joined_only(joined.replace("connected to 3", "connected to 2"))
+    assert not _gloo_joined_only("step 10/20: loss 3.94\n")
+    assert not _gloo_joined_only("[Gloo] Rank 0 is connected to 1 peer ranks. then: an error\n")

@@ -298,8 +298,10 @@ def as_flags(message: str, args) -> str:
         return message
     for name in sorted((f.name for f in dataclasses.fields(args)), key=len, reverse=True):
         flag = "--" + name.replace("_", "-")
-        pattern = re.escape(name) + (r"(?!\w)" if "_" in name else r"(?==| must\b)")
-        message = re.sub(r"(?<![\w-])" + pattern + r"(=(?=\S))?",
+        pattern = re.escape(name) + (r"(?![\w/.'\"\\])" if "_" in name
+                                     else r"(?==| must\b)")
+        # (not inside a path, a file name or a quoted key: /data_dir/, 'latent_dim')
+        message = re.sub(r"(?<![\w\-/.'\"\\])" + pattern + r"(=(?=\S))?",
                          lambda m: flag + (" " if m.group(1) else ""), message)
     return message
 
@@ -307,8 +309,10 @@ def as_flags(message: str, args) -> str:
 def _run(fn, args, errors: tuple, interrupted):
     try:
         return fn(args)
-    except (ValueError, OSError, *errors) as e:
+    except (ValueError, *errors) as e:
         raise SystemExit(f"error: {as_flags(str(e), args)}") from e
+    except OSError as e:  # (it names files: left as it is)
+        raise SystemExit(f"error: {e}") from e
     except interrupted as e:  # fit has said where the run stands, in one line
         raise SystemExit(e.status) from None
     except KeyboardInterrupt:  # before or after training
@@ -736,7 +740,8 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     host_devices = args.host_devices if args.host_devices is not None else devices
     split = split_host_into_devices(batch_size, host_devices)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if host_devices is None and 0 < split < (cores or 1) and jax.process_count() == 1:
+    if (host_devices is None and 0 < split < (cores or 1) and getattr(args, "parallel", None)
+            != "none" and jax.default_backend() == "cpu" and jax.process_count() == 1):
         say(f"the global batch {batch_size} is not divisible by this host's {cores} cores: "
             f"{split} host device(s) instead of one per core, which is faster; a --batch-size "
             f"divisible by {cores} gets one per core")

@@ -111,20 +111,28 @@ def config_records(run_dir) -> list[pathlib.Path]:
     (its first start) and each ``config.resume-<step>.json`` (a resume that changed the
     config; see :func:`genjax.train.loop.fit`). Ordered by the time written inside each
     record (``started``, so that a copy of the run directory orders right whatever its
-    files' times), for a record without one (an older genjax's) by its modification time,
-    then by the step in the name (``config.json`` is step 0). Empty when there are none
-    (or no such directory)."""
+    files' times; a damaged record by its file's time among them); records without one
+    (an older genjax's) come before those, by their modification times; then by the step
+    in the name (``config.json`` is step 0). Empty when there are none (or no such
+    directory)."""
     run_dir = pathlib.Path(run_dir)
     records = list(run_dir.glob("config.resume-*.json")) + list(run_dir.glob("config.json"))
 
     def order(path: pathlib.Path) -> tuple:
         step = path.stem.rpartition("-")[2]
+        step = int(step) if step.isdigit() else 0
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):  # (unreadable: its file's time, which saved_config names)
+            return 1, path.stat().st_mtime_ns, step
+        if not isinstance(record, dict) or "started" not in record:
+            # an older genjax's record: before every record that says when it started
+            return int(not isinstance(record, dict)), path.stat().st_mtime_ns, step
         try:  # (in nanoseconds since the epoch, as the files' times)
-            started = datetime.datetime.fromisoformat(json.loads(path.read_text())["started"])
-            started_ns = (started - _EPOCH) // datetime.timedelta(microseconds=1) * 1000
-        except (OSError, ValueError, KeyError, TypeError):
-            started_ns = path.stat().st_mtime_ns
-        return started_ns, int(step) if step.isdigit() else 0
+            started = datetime.datetime.fromisoformat(record["started"])
+            return 1, (started - _EPOCH) // datetime.timedelta(microseconds=1) * 1000, step
+        except (ValueError, TypeError):
+            return 1, path.stat().st_mtime_ns, step
 
     return sorted(records, key=order)
 

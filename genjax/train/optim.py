@@ -78,8 +78,8 @@ def scale_by_schedule_arg(default: Schedule) -> optax.GradientTransformationExtr
     """``optax.scale_by_learning_rate`` whose schedule comes with each update: multiply
     the updates by ``-lr_schedule(count)``, where ``lr_schedule`` is the update's extra
     argument (:class:`Schedule`, traced: the engines pass it), else ``default``. Its
-    state is optax's ``ScaleByScheduleState``, as in ``optax.adamw``, so checkpoints of
-    either load in the other."""
+    state is optax's ``ScaleByScheduleState``, as in ``optax.adamw`` given a schedule (not
+    a constant rate), so checkpoints of either load in the other."""
 
     def init_fn(params):
         del params

@@ -277,7 +277,9 @@ def make_train_step(objective: Objective, tx: Optimizers,
     the compiled step: the engines pass it), is the rate by step instead of ``schedule``,
     reported and passed to each optimizer's ``update`` as its ``lr_schedule`` extra
     argument (:func:`genjax.train.optim.make_optimizer`'s use it), so that the schedule's
-    numbers are not constants of the compiled program.
+    numbers are not constants of the compiled program. It is every group's (the groups'
+    optimizers come from one config); an optimizer without extra arguments keeps its own
+    rate, and ``lr`` still reports ``lr_schedule``'s.
 
     ``metrics`` holds each update's ``loss`` and ``grad_norm`` (global L2 norm of the
     averaged gradients), prefixed by its name, its loss function's metrics and, with
