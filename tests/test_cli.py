@@ -413,6 +413,13 @@ def test_ctrl_c_while_starting_is_one_line_and_never_lost():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == -signal.SIGINT and out.stderr == "interrupted\n", out
+    # An error that the Ctrl-C caused (a C extension whose start-up it interrupted fails
+    # with "ImportError: initialization failed"): the same line, exit status 130.
+    code = start + ("try:\n    signal.raise_signal(signal.SIGINT)\nexcept KeyboardInterrupt:\n"
+                    "    pass\nraise ImportError('initialization failed')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 130 and out.stderr == "interrupted\n", out
 
 
 def test_a_closed_output_stops_a_run_as_ctrl_c(tmp_path, text_file):
