@@ -12,8 +12,8 @@ being set up:
 raise is delivered again (SIGINT to the process, 50 ms later, from a daemon thread), and
 an unhandled one is one ``interrupted`` line on stderr, Python still ending with the
 SIGINT exit status (130 in a shell); so is an error that a Ctrl-C caused (a C extension
-whose initialisation it interrupted), exit status 130. Training handles SIGINT itself while it runs
-(:func:`genjax.train.loop.fit`).
+whose initialisation it interrupted), exit status 130. Training handles SIGINT itself
+while it runs (:func:`genjax.train.loop.fit`).
 """
 
 from __future__ import annotations
