@@ -507,11 +507,15 @@ def worker(args: Args) -> None:
     seconds``; ``DONE`` prints ``@@ STATS {json}`` and ends."""
     if args.worker == "genjax":
         from genjax.train.cli import enable_compile_cache
+        from genjax.train.host import tune_host_allocator
         from genjax.train.parallel import split_host_into_devices
 
         split_host_into_devices(preset_batch_size(args))  # before JAX starts, as the experiments
         enable_compile_cache(None)
         import jax
+
+        if jax.default_backend() == "cpu":  # as the experiments' start-up
+            tune_host_allocator()
 
         if jax.default_backend() == "gpu":  # float32 without TF32, as PyTorch here
             jax.config.update("jax_default_matmul_precision", "highest")
@@ -519,7 +523,11 @@ def worker(args: Args) -> None:
     if args.worker != "genjax":
         import torch
 
+        from genjax.train.host import tune_host_allocator
+
         accelerator = torch.cuda.is_available()
+        if not accelerator:  # the host's malloc as genjax's worker has it, for a fair race
+            tune_host_allocator()
     preset, model_cfg, train = load_preset(args.model, args.preset, accelerator, args.dtype)
     n_steps = args.warmup + args.repeats * args.steps
     if args.worker == "genjax":

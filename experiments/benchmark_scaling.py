@@ -56,6 +56,11 @@ def measure(args: Args, n_devices: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
+    from genjax.train.host import tune_host_allocator
+
+    if jax.default_backend() == "cpu":  # as the experiments' start-up
+        tune_host_allocator()
+
     from experiments.gpt_shakespeare import PRESETS
     from genjax.data.text import CharTokenizer, TextData
     from genjax.tasks.gpt import make_task

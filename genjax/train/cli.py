@@ -661,8 +661,9 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     """What every experiment does before JAX touches a device: ``jax.distributed``
     initialisation (``--distributed``), the CPU host split into devices
     (:func:`genjax.train.parallel.split_host_into_devices`: ``--host-devices``, else
-    ``--devices`` or the resumed run's, else one per core), the persistent compilation cache
-    (:func:`enable_compile_cache`), and with ``check`` the run directory's check
+    ``--devices`` or the resumed run's, else one per core), on a CPU backend the host's
+    allocator (:func:`genjax.train.host.tune_host_allocator`), the persistent compilation
+    cache (:func:`enable_compile_cache`), and with ``check`` the run directory's check
     (:func:`genjax.train.loop.check_run_dir`, before any data is loaded; :func:`fit` checks
     again); returns the run directory, absolute and normalised (messages name it so).
 
@@ -678,6 +679,7 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
     import jax
 
     from genjax.train.distributed import JoinError, join, split_address
+    from genjax.train.host import tune_host_allocator
     from genjax.train.loop import check_run_dir
     from genjax.train.parallel import split_host_into_devices
 
@@ -745,6 +747,8 @@ def start_run(args: RunArgs, batch_size: int, experiment: str,
         say(f"the global batch {batch_size} is not divisible by this host's {cores} cores: "
             f"{split} host device(s) instead of one per core, which is faster; a --batch-size "
             f"divisible by {cores} gets one per core")
+    if jax.default_backend() == "cpu":
+        tune_host_allocator()  # XLA:CPU's per-step buffers on warm pages
     enable_compile_cache(args.compile_cache)
     run_dir = given or pathlib.Path(
         f"runs/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
