@@ -54,10 +54,15 @@ def test_bfloat16_run_keeps_float32_state_and_follows_the_float32_run(tmp_path, 
     assert int(resumed.state.step) == 204
 
 
-def test_run_dir_records(tmp_path, play_text):
+def test_run_dir_records(tmp_path, play_text, monkeypatch):
+    import genjax.train.loop as loop
+
+    tuned = []  # fit tunes the host's malloc on CPU devices (genjax.train.host)
+    monkeypatch.setattr(loop, "tune_host_allocator", lambda: tuned.append(1) or True)
     task, _, _ = tiny_gpt_task(play_text)
     run = tmp_path / "run"
     fit(task, tiny_train_config(), run, config_record={"hello": 1}, progress=False)
+    assert tuned == [1]
     record = json.loads((run / "config.json").read_text())
     started = datetime.datetime.fromisoformat(record.pop("started"))  # when this start began
     assert record == {"hello": 1}

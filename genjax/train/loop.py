@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from genjax.train.checkpoint import Checkpointer, CheckpointError, abstract_like, saved_steps
 from genjax.train.config import TrainConfig, config_records, started_now
+from genjax.train.host import tune_host_allocator
 from genjax.train.optim import make_optimizer
 from genjax.train.parallel import Engine, make_engine
 from genjax.train.steps import (Evaluation, LossFn, Optimizers, TrainState, Update,
@@ -630,6 +631,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     on a terminal, plain lines otherwise (:class:`_Progress`).
     ``tensorboard``: each record's numbers also go to TensorBoard event files in
     ``RUN_DIR/tensorboard`` (``tensorboardX``'s writer, which does not import TensorFlow).
+    On CPU devices it tunes the process's malloc first
+    (:func:`genjax.train.host.tune_host_allocator`; ``GENJAX_TUNE_MALLOC=0`` leaves it).
 
     Raises:
       ValueError: devices and batch that do not fit (before compilation); ``tensorboard``
@@ -658,6 +661,8 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         raise ValueError("--tensorboard needs tensorboardX: pip install 'genjax[tensorboard]'")
     t_start = time.perf_counter()
     engine = make_engine(cfg.parallel, cfg.devices, cfg.batch_size)
+    if engine.devices[0].platform == "cpu":
+        tune_host_allocator()  # XLA:CPU's per-step buffers on warm pages
     check_run_dir(run_dir, resume)
     run_dir = pathlib.Path(run_dir)
     _stop_if_asked(run_dir)  # (nothing of this run is written yet)
