@@ -94,6 +94,9 @@ class Args:
     torch.autocast(dtype=torch.bfloat16), float32 parameters in both."""
     torch_threads: Optional[int] = None
     """torch.set_num_threads (default: PyTorch's own, one per core)."""
+    torch_malloc: Literal["default", "genjax"] = "default"
+    """The PyTorch workers' malloc on a CPU: glibc's defaults, as PyTorch runs, or the
+    settings genjax's own process takes (genjax.train.host.tune_host_allocator)."""
     pause: float = 0.5
     """Seconds of rest before each turn (the previous variant's threads go idle)."""
     json: Optional[str] = None
@@ -514,8 +517,7 @@ def worker(args: Args) -> None:
         enable_compile_cache(None)
         import jax
 
-        if jax.default_backend() == "cpu":  # as the experiments' start-up
-            tune_host_allocator()
+        malloc_tuned = jax.default_backend() == "cpu" and tune_host_allocator()  # as fit
 
         if jax.default_backend() == "gpu":  # float32 without TF32, as PyTorch here
             jax.config.update("jax_default_matmul_precision", "highest")
@@ -526,8 +528,8 @@ def worker(args: Args) -> None:
         from genjax.train.host import tune_host_allocator
 
         accelerator = torch.cuda.is_available()
-        if not accelerator:  # the host's malloc as genjax's worker has it, for a fair race
-            tune_host_allocator()
+        malloc_tuned = (not accelerator and args.torch_malloc == "genjax"
+                        and tune_host_allocator())
     preset, model_cfg, train = load_preset(args.model, args.preset, accelerator, args.dtype)
     n_steps = args.warmup + args.repeats * args.steps
     if args.worker == "genjax":
@@ -569,7 +571,7 @@ def worker(args: Args) -> None:
         print(f"{_PROTOCOL}{tag} {json.dumps(payload)}", flush=True)
 
     say("READY", {"first_s": first, "note": runner.note, "platform": runner.platform,
-                  "preset": preset, **extra})
+                  "preset": preset, "malloc_tuned": bool(malloc_tuned), **extra})
     for line in sys.stdin:
         command = line.split()
         if command and command[0] == "RUN":
@@ -599,6 +601,7 @@ class _Worker:
             cmd += ["--shared", shared]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
+        cmd += ["--torch-malloc", args.torch_malloc]
         cmd += ["--dtype", args.dtype]
         self.variant = variant
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -695,11 +698,14 @@ def measure(args: Args) -> dict:
             pass
     threads = {"xla_devices": g.get("xla_devices")}
     threads.update({"torch": r["torch_threads"] for r in ready.values() if "torch_threads" in r})
+    malloc = {("genjax" if v == "genjax" else "torch"): r.get("malloc_tuned", False)
+              for v, r in ready.items()}
     return {"model": args.model, "preset": preset, "dtype": args.dtype,
             "batch_size": train.batch_size,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "device": g.get("device", ready[variants[0]]["platform"]),
             "machine": platform.machine(), "versions": versions, "threads": threads,
+            "malloc_tuned": malloc,
             "model_gflop_per_step": flops / 1e9 if flops else None,
             "peak_gflops": peak / 1e9 if peak else None,
             "peak_source": g.get("peak_source"), "rows": rows}
@@ -747,6 +753,9 @@ def markdown(result: dict) -> str:
              f"{result['device']}; {result['steps']} steps x {result['repeats']} rounds; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
              + f"; threads {result['threads']}"
+             + ("; malloc tuned (genjax.train.host): " + ", ".join(
+                 f"{k} {'yes' if v else 'no'}" for k, v in result["malloc_tuned"].items())
+                if result.get("malloc_tuned") else "")
              + (f"; {result['model_gflop_per_step']:.2f} GFLOP per step against "
                 f"{result['peak_gflops']:,.0f} GFLOP/s ({result['peak_source']})"
                 if result["model_gflop_per_step"] else ""),

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from experiments import benchmark_pytorch as bench
+from genjax.train.host import tune_host_allocator
 
 
 def test_peak_flops_follow_the_device_kind():
@@ -53,6 +54,8 @@ def test_pytorch_rows_share_the_batches():
             f"round {ratio:.2f}x, quartiles {ratio:.2f}-{ratio:.2f}x over 1 rounds"
             ) in bench.markdown(result)
     assert result["versions"]["torch"].startswith("2.13")
+    # genjax's process tunes its malloc (genjax.train.host); PyTorch's keeps glibc's defaults
+    assert result["malloc_tuned"] == {"genjax": tune_host_allocator(), "torch": False}
 
 
 def test_mixed_precision_rows(monkeypatch):
@@ -61,6 +64,9 @@ def test_mixed_precision_rows(monkeypatch):
     pytest.importorskip("torch")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")  # batch 12
     result = bench.main(["--model", "gpt", "--dtype", "bfloat16", "--steps", "1", "--warmup",
-                         "1", "--repeats", "1", "--variants", "genjax", "torch-fast"])
+                         "1", "--repeats", "1", "--variants", "genjax", "torch-fast",
+                         "--torch-malloc", "genjax"])
     assert result["dtype"] == "bfloat16" and "bfloat16" in bench.markdown(result)
+    tuned = tune_host_allocator()  # where glibc is, both processes take genjax's settings
+    assert result["malloc_tuned"] == {"genjax": tuned, "torch": tuned}
     assert all(r["step_ms"] > 0 for r in result["rows"])
