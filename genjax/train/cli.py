@@ -316,7 +316,8 @@ def _run(fn, args, errors: tuple, interrupted):
     except interrupted as e:  # fit has said where the run stands, in one line
         raise SystemExit(e.status) from None
     except KeyboardInterrupt:  # before or after training
-        print("interrupted: nothing more was saved", file=sys.stderr)
+        print("interrupted (not while training: no checkpoint was being written)",
+              file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
         if _failed_collective(e):
