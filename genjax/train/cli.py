@@ -659,11 +659,12 @@ def enable_compile_cache(directory: Optional[str] = None) -> Optional[pathlib.Pa
 
 def start_run(args: RunArgs, batch_size: int, experiment: str,
               check: bool = True) -> pathlib.Path:
-    """What every experiment does before JAX touches a device: ``jax.distributed``
+    """What every experiment does before it loads data or compiles: ``jax.distributed``
     initialisation (``--distributed``), the CPU host split into devices
     (:func:`genjax.train.parallel.split_host_into_devices`: ``--host-devices``, else
-    ``--devices`` or the resumed run's, else one per core), on a CPU backend the host's
-    allocator (:func:`genjax.train.host.tune_host_allocator`), the persistent compilation
+    ``--devices`` or the resumed run's, else one per core), then JAX's backends start and,
+    on a CPU backend, the host's allocator is tuned
+    (:func:`genjax.train.host.tune_host_allocator`), the persistent compilation
     cache (:func:`enable_compile_cache`), and with ``check`` the run directory's check
     (:func:`genjax.train.loop.check_run_dir`, before any data is loaded; :func:`fit` checks
     again); returns the run directory, absolute and normalised (messages name it so).

@@ -22,6 +22,7 @@ step on the same machine neither faulted nor changed with the same settings.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -30,49 +31,64 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 1024 * 1024  # bytes: glibc's largest on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD = 1024 * 1024 * 1024  # bytes of free heap kept before any is handed back
+MMAP_THRESHOLD = 32 * 1024 * 1024  # bytes: the most a 64-bit thread heap (64 MiB) holds
+TRIM_THRESHOLD = 1024 * 1024 * 1024  # bytes of free main heap kept before any is handed back
 TOP_PAD = 64 * 1024 * 1024  # bytes: a thread arena's heap (64 MiB) that empties stays mapped
 OPT_OUT = "GENJAX_TUNE_MALLOC"  # the environment variable that, set to 0, leaves malloc alone
-
-_applied: list = []
+_OFF = ("0", "false", "no", "off")
 
 
 def user_tuned_malloc() -> bool:
     """Whether the environment configures glibc's malloc itself (a ``MALLOC_*`` variable,
     or ``GLIBC_TUNABLES`` naming a ``glibc.malloc`` tunable) or opts out of the tuning
-    (``GENJAX_TUNE_MALLOC=0``)."""
-    return (os.environ.get(OPT_OUT, "1").strip() in ("0", "false", "no", "off")
+    (``GENJAX_TUNE_MALLOC`` set to 0, false, no or off)."""
+    return (os.environ.get(OPT_OUT, "1").strip().lower() in _OFF
             or any(k.startswith("MALLOC_") for k in os.environ)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
 
 
+def _glibc_malloc():
+    """glibc's ``mallopt``, when the process allocates with glibc's malloc (64-bit Linux,
+    glibc, no other allocator such as jemalloc or tcmalloc preloaded); else None."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" \
+            or ctypes.sizeof(ctypes.c_void_p) != 8:
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        in_use = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+        if in_use != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+            return None  # another allocator's malloc comes first
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt
+
+
+@functools.cache
 def tune_host_allocator() -> bool:
     """Keep freed host memory mapped for reuse, so that XLA:CPU's per-step buffers land on
     warm pages (see the module's docstring).
 
     Calls glibc's ``mallopt``: ``M_MMAP_THRESHOLD`` = 32 MiB (blocks up to that size come
-    from the heaps), ``M_TRIM_THRESHOLD`` = 1 GiB (up to that much freed heap is kept rather
-    than returned to the kernel) and ``M_TOP_PAD`` = 64 MiB (a thread arena's heap that
-    empties is kept rather than unmapped; heaps also grow by that much, in address space
-    only: pages are resident once written). Applies to the allocations that follow.
-    Does nothing (returns False) outside Linux with glibc, with ``GENJAX_TUNE_MALLOC=0``, or
-    when the environment configures malloc itself (:func:`user_tuned_malloc`). Idempotent.
+    from the heaps), ``M_TRIM_THRESHOLD`` = 1 GiB (up to that much freed main heap is kept
+    rather than returned to the kernel) and ``M_TOP_PAD`` = 64 MiB (a thread arena's heap
+    that empties is kept rather than unmapped; heaps also grow by that much, in address
+    space only: pages are resident once written). Applies to the allocations that follow;
+    safe with threads running (``mallopt`` sets process-wide values under glibc's lock).
+
+    The cost: memory freed in the threads' arenas stays with the process, so its resident
+    memory stays near its peak rather than falling back after one.
+
+    Does nothing (returns False) without glibc's malloc (:func:`_glibc_malloc`: other
+    systems, 32-bit, a preloaded jemalloc or tcmalloc), with ``GENJAX_TUNE_MALLOC=0``, or
+    when the environment configures malloc itself (:func:`user_tuned_malloc`). The first
+    call decides; later ones return its answer.
 
     Returns:
       True if the settings are in effect.
     """
-    if _applied:
-        return _applied[0]
-    ok = False
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" \
-            and not user_tuned_malloc():
-        try:
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-            ok = all([mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                      mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD), mallopt(_M_TOP_PAD, TOP_PAD)])
-        except (OSError, AttributeError):
-            ok = False
-    _applied.append(ok)
-    return ok
+    mallopt = None if user_tuned_malloc() else _glibc_malloc()
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        return False  # (nothing set)
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(_M_TOP_PAD, TOP_PAD))
