@@ -265,10 +265,9 @@ def genjax_runner(w: Workload) -> tuple[Runner, float]:
     def step(i):
         if task.batches_in_step:  # batch i: the state's step counts the steps run
             box["state"], metrics = step_fn(box["state"], data_key, dropout_key)
-        else:  # as fit: the batch gathered on the host, the step's key folded from a replicated one
+        else:  # as fit: the batch gathered on the host (the step's key is folded inside)
             batch = engine.put_batch(task.train_batch(w.data_key, i, 0, B))
-            box["state"], metrics = step_fn(box["state"], batch,
-                                            jax.random.fold_in(dropout_key, i))
+            box["state"], metrics = step_fn(box["state"], batch, dropout_key)
         if box["previous"] is not None:
             jax.block_until_ready(box["previous"])  # two steps in flight at most, as fit
         box["previous"] = metrics

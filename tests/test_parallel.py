@@ -12,7 +12,7 @@ import pytest
 
 from genjax.train.loop import fit
 from genjax.train.parallel import make_engine
-from genjax.train.steps import create_train_state
+from genjax.train.steps import create_train_state, make_train_step
 from helpers import tiny_gpt_task, tiny_train_config
 
 ENGINES = ["pmap", "sharding"]
@@ -59,18 +59,39 @@ def test_dropout_masks_differ_across_devices_and_steps(kind):
     state = engine.put_replicated(create_train_state({"w": jnp.ones((64,))}, tx))
     step = engine.compile_train_step(_Masks.loss_fn, tx)
     batch = engine.put_batch(jnp.ones((8, 64)))
-    dropout_key = jax.random.PRNGKey(0)
+    dropout_key = engine.put_replicated(jax.random.PRNGKey(0))
     masks = []
-    for k in range(2):  # the loop's keys: fold_in(dropout_key, step)
-        key = engine.put_replicated(jax.random.fold_in(dropout_key, k))
-        state, metrics = step(state, batch, key)
+    for k in range(2):  # the step's key: fold_in(dropout_key, state.step), inside the step
+        state, metrics = step(state, batch, dropout_key)
         masks.append(np.asarray(metrics["mask"]))
     for m in masks:
         # With a mask shared by all devices each entry would be 0 or 2 (= 1 / keep rate).
         assert ((m > 0.01) & (m < 1.99)).any(), m
     assert not np.array_equal(masks[0], masks[1])
-    again = step(state, batch, engine.put_replicated(jax.random.fold_in(dropout_key, 0)))[1]
+    # the same step again draws the same masks; the dropout key alone decides them
+    fresh = engine.put_replicated(create_train_state({"w": jnp.ones((64,))}, tx))
+    again = step(fresh, batch, dropout_key)[1]
     np.testing.assert_array_equal(np.asarray(again["mask"]), masks[0])
+    other = step(engine.put_replicated(create_train_state({"w": jnp.ones((64,))}, tx)), batch,
+                 engine.put_replicated(jax.random.PRNGKey(1)))[1]
+    assert not np.array_equal(np.asarray(other["mask"]), masks[0])
+
+
+def test_host_batch_step_folds_the_step_number_into_the_dropout_key():
+    # fit passes the run's dropout key; the compiled step draws with fold_in(key, state.step),
+    # the key that make_train_step is given for that step.
+    engine = make_engine("none", 1, 8)
+    tx = optax.sgd(0.0)
+    fresh = lambda: create_train_state({"w": jnp.ones((64,))}, tx)  # noqa: E731
+    step = engine.compile_train_step(_Masks.loss_fn, tx)
+    plain = jax.jit(make_train_step(_Masks.loss_fn, tx))
+    batch, dropout_key = jnp.ones((8, 64)), jax.random.PRNGKey(5)
+    state, reference = engine.put_replicated(fresh()), fresh()
+    for k in range(3):
+        state, metrics = step(state, engine.put_batch(batch), engine.put_replicated(dropout_key))
+        reference, expected = plain(reference, batch, jax.random.fold_in(dropout_key, k))
+        np.testing.assert_array_equal(np.asarray(metrics["mask"]), np.asarray(expected["mask"]))
+    assert int(state.step) == 3
 
 
 @pytest.mark.parametrize("kind", ENGINES)
@@ -144,7 +165,7 @@ def test_batches_drawn_inside_the_step_equal_host_batches(play_text):
     for step in range(3):
         state_in, m_in = inside(state_in, data_key, dropout_key)
         batch = engine.put_batch(task.train_batch(data_key, step, 0, 16))
-        state_host, m_host = host(state_host, batch, jax.random.fold_in(dropout_key, step))
+        state_host, m_host = host(state_host, batch, dropout_key)  # folds in state.step
         assert float(m_in["loss"]) == pytest.approx(float(m_host["loss"]), abs=1e-6)
     assert int(state_in.step) == 3
     chex.assert_trees_all_close(jax.device_get(state_in.params),

@@ -818,7 +818,7 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
                 state, metrics = train_step(state, keys["data"], keys["dropout"])
             else:
                 batch = engine.put_batch(task.train_batch(keys["data"], step, start, stop))
-                state, metrics = train_step(state, batch, jax.random.fold_in(keys["dropout"], step))
+                state, metrics = train_step(state, batch, keys["dropout"])  # folded inside
             if previous is not None:
                 # At most two steps in flight: the host stays just ahead of the devices, and
                 # XLA:CPU's collectives cannot pile up (many queued multi-device programs

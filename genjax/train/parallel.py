@@ -167,8 +167,11 @@ class Engine:
         ``objective``: a ``loss_fn`` or a sequence of :class:`~genjax.train.steps.Update`
         (``tx``: one optimizer, or one per update group); see
         :func:`genjax.train.steps.make_train_step`.
-        Without ``batch_fn``: ``(state, batch, key) -> (state, metrics)``, ``batch`` from
-        :meth:`put_batch` (see :func:`genjax.train.steps.make_train_step`). With
+        Without ``batch_fn``: ``(state, batch, dropout_key) -> (state, metrics)``, ``batch``
+        from :meth:`put_batch`, the step's key ``fold_in(dropout_key, state.step)`` drawn
+        inside the program (see :func:`genjax.train.steps.make_train_step`): a ``fold_in``
+        on the host is a program of its own, which waits for the step in flight and leaves
+        the devices idle until the host has dispatched the next step. With
         ``batch_fn`` (traceable ``(data_key, step) -> global batch``): ``(state,
         data_key, dropout_key) -> (state, metrics)``, the batch drawn inside the program
         (see :func:`genjax.train.steps.make_batch_drawing_train_step`). ``state``, keys,
@@ -186,8 +189,8 @@ class Engine:
             schedule = None
         n_args = 3 + (runtime is not None)
         if batch_fn is None:
-            step = make_train_step(objective, tx, schedule,
-                                   axis_name=PMAP_AXIS if self.kind == "pmap" else None)
+            step = _folding_step_key(make_train_step(
+                objective, tx, schedule, axis_name=PMAP_AXIS if self.kind == "pmap" else None))
             if self.kind == "pmap":
                 compiled = jax.pmap(step, axis_name=PMAP_AXIS,
                                     in_axes=(None, 0, None, None)[:n_args],
@@ -290,6 +293,17 @@ class Engine:
         if state is not None:
             line += f" state_per_device={state_bytes_per_device(state) / 2 ** 20:.2f}MiB"
         return line
+
+
+def _folding_step_key(train_step):
+    """``train_step`` (``(state, batch, key, ...)``) taking the dropout key of the whole
+    run instead: its key at step k is ``fold_in(dropout_key, k)``, as
+    :func:`genjax.train.steps.make_batch_drawing_train_step` draws it."""
+
+    def step(state, batch, dropout_key, *rest):
+        return train_step(state, batch, jax.random.fold_in(dropout_key, state.step), *rest)
+
+    return step
 
 
 def state_bytes_per_device(tree) -> int:
