@@ -13,7 +13,9 @@ only backend measured here):
   ("sub-pixel" convolution: W. Shi et al., "Real-Time Single Image and Video
   Super-Resolution Using an Efficient Sub-Pixel Convolutional Neural Network", CVPR 2016).
   XLA:CPU computes the kernel gradient of ``lax.conv_transpose`` (a convolution of a
-  dilated input) slowly; the phases' gradients are plain convolutions. On other backends
+  dilated input) slowly; the phases' gradients are plain convolutions. (With jax 0.10.2,
+  whose XLA:CPU runs convolutions through YNNPACK, the two forms took the same time in the
+  Auto-Encoder's whole train step: 11 alternated rounds on 2026-12-01.) On other backends
   (GPUs, TPUs, whose libraries have transposed convolutions of their own) it stays
   ``lax.conv_transpose``.
 
