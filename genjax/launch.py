@@ -127,6 +127,10 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
     procs, relays = [], []
     status = 0
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # (a scheduler's stop too)
+    # SIGINT is the job's stop signal: handled here even when the launcher was started with
+    # it ignored (a shell's `... &` without job control), and so at its default, not
+    # ignored, in the processes it starts (exec resets a handled signal, not an ignored one).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     _JOB_RUNNING.set()
     try:
         for i in range(processes):
@@ -179,6 +183,7 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
                 p.kill()
                 p.wait()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         _JOB_RUNNING.clear()
     for relay in relays:  # the last lines of every process
         relay.join(timeout=5)

@@ -398,7 +398,10 @@ def test_ctrl_c_while_starting_is_one_line_and_never_lost():
     # `python -m ...` installs genjax._interrupt when genjax is imported (here by hand: the
     # first argv entry is "-m" while Python locates the module). A Ctrl-C that no command
     # handles is one line and the SIGINT status, not a traceback.
-    start = "import sys; sys.argv[:1] = ['-m']; import genjax, os, signal, time\n"
+    # (SIGINT as Python finds it from an interactive shell, even where pytest was started
+    # with it ignored, as a non-interactive shell's `... &` does)
+    start = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+             "import sys; sys.argv[:1] = ['-m']; import genjax, os, signal, time\n")
     out = subprocess.run([sys.executable, "-c", start + "os.kill(os.getpid(), signal.SIGINT)\n"
                           "time.sleep(30)"], capture_output=True, text=True, timeout=60)
     assert out.returncode == -signal.SIGINT and out.stderr == "interrupted\n", out
