@@ -44,6 +44,28 @@ def _launch(n, command):
                             text=True, env=ENV)
 
 
+@pytest.fixture
+def reaped():
+    """``reaped(launcher)`` -> launcher, stopped at the test's end if still running (a
+    failed test leaves no job behind to slow the rest of the suite): SIGTERM, on which the
+    launcher stops its processes (SIGINT, then SIGKILL after its grace period)."""
+    started = []
+
+    def reap(proc):
+        started.append(proc)
+        return proc
+
+    yield reap
+    for proc in started:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+
 def _run(command):
     out = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -268,13 +290,13 @@ def test_a_dead_process_stops_the_job(tmp_path, text_file):
     assert step == 500 and int(state["train"]["step"]) == step
 
 
-def test_the_launcher_leaves_no_process_behind_on_sigterm():
+def test_the_launcher_leaves_no_process_behind_on_sigterm(reaped):
     script = ("import os, signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
               "print('pid', os.getpid(), flush=True); time.sleep(120)")  # ignores SIGINT too
-    launcher = subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes", "2",
-                                 "--grace", "2", "--", sys.executable, "-c", script],
-                                stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    launcher = reaped(subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes",
+                                        "2", "--grace", "2", "--", sys.executable, "-c",
+                                        script], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True))
     pids = [int(launcher.stdout.readline().split()[-1]) for _ in range(2)]
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=60)  # SIGINT, then SIGKILL after the grace period
@@ -285,13 +307,13 @@ def test_the_launcher_leaves_no_process_behind_on_sigterm():
             os.kill(pid, 0)
 
 
-def test_ctrl_c_stops_every_process_of_a_job_at_the_same_step(tmp_path, text_file):
+def test_ctrl_c_stops_every_process_of_a_job_at_the_same_step(tmp_path, text_file, reaped):
     # SIGINT reaches each process at its own moment: they agree every STOP_CHECK_EVERY
     # steps, so none is left waiting in a collective (and killed after the grace period).
     run = tmp_path / "run"
     flags = [*TINY, "--max-iters", "100000", "--eval-interval", "25", "--text-file",
              str(text_file), "--run-dir", str(run), "--host-devices", "1"]
-    launcher = _launch(2, _gpt(*flags))
+    launcher = reaped(_launch(2, _gpt(*flags)))
     for line in launcher.stdout:
         if line.startswith("[0] step 25:"):  # (the first checkpoint is being saved)
             break
@@ -305,15 +327,16 @@ def test_ctrl_c_stops_every_process_of_a_job_at_the_same_step(tmp_path, text_fil
     assert saved_steps(run)[-1] == int(found[2])
 
 
-def test_the_launchers_closed_output_stops_the_job():
+def test_the_launchers_closed_output_stops_the_job(reaped):
     # `python -m genjax.launch ... | head`: the job stops as on Ctrl-C; the processes'
     # output, read to its end, is thrown away, so none of them blocks on a full pipe.
     script = ("import itertools, os, time\n"
               "for i in itertools.count():\n"
               "    print('line', i, flush=True); time.sleep(0.01)")  # until SIGINT
-    launcher = subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes", "2",
-                                 "--grace", "20", "--", sys.executable, "-c", script],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = reaped(subprocess.Popen([sys.executable, "-m", "genjax.launch", "--processes",
+                                        "2", "--grace", "20", "--", sys.executable, "-c",
+                                        script], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True))
     assert launcher.stdout.readline().startswith("[")
     launcher.stdout.close()  # the reader goes
     err = launcher.communicate(timeout=60)[1]
