@@ -130,7 +130,9 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
     # SIGINT is the job's stop signal: handled here even when the launcher was started with
     # it ignored (a shell's `... &` without job control), and so at its default, not
     # ignored, in the processes it starts (exec resets a handled signal, not an ignored one).
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int in (signal.SIG_IGN, signal.SIG_DFL, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     _JOB_RUNNING.set()
     try:
         for i in range(processes):
@@ -183,7 +185,8 @@ def launch(command, processes: int, port: Optional[int] = None, grace: float = G
                 p.kill()
                 p.wait()
         signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+        if previous_int in (signal.SIG_IGN, signal.SIG_DFL):
+            signal.signal(signal.SIGINT, previous_int)
         _JOB_RUNNING.clear()
     for relay in relays:  # the last lines of every process
         relay.join(timeout=5)
