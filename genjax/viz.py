@@ -17,19 +17,49 @@ def _plt():
     return plt
 
 
+def image_mosaic(images, ncols: int, gap: int = 2, fill: float = 1.0) -> np.ndarray:
+    """Tile images (N, H, W, 1) or (N, H, W) float into one (rows * (H + gap) - gap,
+    ncols * (W + gap) - gap) array, row-major, ``gap`` pixels of ``fill`` between them and in
+    the cells of a last row left short; values clipped to [0, 1].
+
+    Raises:
+      ValueError: ``ncols`` < 1, ``gap`` < 0, or no images / images not (N, H, W[, 1]).
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    if images.ndim != 3 or len(images) == 0:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, 1) with N >= 1, "
+                         f"got shape {images.shape}")
+    if ncols < 1 or gap < 0:
+        raise ValueError(f"ncols must be >= 1 and gap >= 0, got ncols={ncols}, gap={gap}")
+    n, h, w = images.shape
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    cells = np.full((nrows * ncols, h + gap, w + gap), fill, np.float32)
+    cells[:n, :h, :w] = np.clip(images, 0.0, 1.0)
+    mosaic = cells.reshape(nrows, ncols, h + gap, w + gap).transpose(0, 2, 1, 3)
+    mosaic = mosaic.reshape(nrows * (h + gap), ncols * (w + gap))
+    return mosaic[:mosaic.shape[0] - gap, :mosaic.shape[1] - gap]
+
+
+def _show_mosaic(ax, images, ncols: int) -> None:
+    """One ``imshow`` of the images' mosaic (grey, 0 black, 1 white) on ``ax``: one Axes
+    for the whole grid, not one per image (a 15 x 15 grid drew in 1.6 s that way)."""
+    ax.imshow(image_mosaic(images, ncols), cmap="gray", vmin=0.0, vmax=1.0,
+              interpolation="nearest")
+    ax.axis("off")
+
+
 def save_image_grid(path, images, ncols: int, title: str = "") -> pathlib.Path:
-    """Save images (N, H, W, 1) float in [0, 1] as a grid of ``ncols`` columns."""
+    """Save images (N, H, W, 1) float in [0, 1] as a grid of ``ncols`` columns
+    (:func:`image_mosaic`), ``title`` above it; a PNG file at ``path``."""
     plt = _plt()
-    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     n = len(images)
     nrows = -(-n // ncols)
-    height = nrows * 0.8 + (0.4 if title else 0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.8, height), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, img in zip(axes.ravel(), images):
-        ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99, wspace=0.05, hspace=0.05)
+    fig, ax = plt.subplots(figsize=(min(ncols, n) * 0.8, nrows * 0.8))
+    _show_mosaic(ax, images, ncols)
+    fig.subplots_adjust(left=0, right=1, bottom=0, top=1)
     if title:  # above the grid, never over its first row
         fig.suptitle(title, fontsize=9, y=1.0, va="bottom")
     fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.05)
@@ -76,21 +106,17 @@ def save_roc(path, scores_negative, scores_positive, auc: float, title: str = ""
 def save_side_by_side(path, left, right, ncols: int, left_title: str, right_title: str,
                       title: str = "") -> pathlib.Path:
     """Save two grids of images (N, H, W, 1) float in [0, 1] side by side, ``ncols`` columns
-    each (real images beside generated ones)."""
+    each (real images beside generated ones), each under its own title."""
     plt = _plt()
-    grids = [np.clip(np.asarray(images, np.float32), 0.0, 1.0) for images in (left, right)]
-    nrows = max(-(-len(g) // ncols) for g in grids)
-    fig = plt.figure(figsize=(2 * ncols * 0.8 + 0.3, nrows * 0.8 + 0.6))
-    panels = fig.subfigures(1, 2, wspace=0.05)
-    for sub, images, name in zip(panels, grids, (left_title, right_title)):
-        axes = sub.subplots(nrows, ncols, squeeze=False)
-        for ax in axes.ravel():
-            ax.axis("off")
-        for ax, img in zip(axes.ravel(), images):
-            ax.imshow(img[..., 0], cmap="gray", vmin=0.0, vmax=1.0)
-        sub.suptitle(name, fontsize=9)
+    nrows = max(-(-len(g) // ncols) for g in (left, right))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * ncols * 0.8 + 0.3, nrows * 0.8 + 0.6),
+                             layout="constrained")
+    fig.get_layout_engine().set(wspace=0.06)  # the two grids well apart
+    for ax, images, name in zip(axes, (left, right), (left_title, right_title)):
+        _show_mosaic(ax, images, ncols)
+        ax.set_title(name, fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10, y=1.0)
+        fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return pathlib.Path(path)

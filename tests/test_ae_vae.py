@@ -224,3 +224,30 @@ def test_image_experiments_end_to_end(experiment, tmp_path):
     with pytest.raises(SystemExit, match=wrote + "gan_mnist"):
         gan_mnist.main(["--run-dir", str(run), "--resume"])
     del folder
+
+
+def test_image_grid_is_one_mosaic_of_the_images_row_major(tmp_path):
+    """The experiments' image grids: images tiled row by row, ``gap`` white pixels between
+    them and in a short last row's empty cells, values clipped to [0, 1]; saved as a PNG of
+    that mosaic."""
+    from genjax import viz
+
+    images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (0.25, 0.5, 0.75)])
+    images[2, 0, 0, 0] = 7.0  # clipped to 1
+    mosaic = viz.image_mosaic(images, ncols=2, gap=1)
+    assert mosaic.shape == (2 * 2 + 1, 2 * 3 + 1)
+    np.testing.assert_array_equal(mosaic[:2, :3], 0.25)
+    np.testing.assert_array_equal(mosaic[:2, 4:], 0.5)
+    np.testing.assert_array_equal(mosaic[3:, :3], [[1.0, 0.75, 0.75], [0.75, 0.75, 0.75]])
+    np.testing.assert_array_equal(mosaic[3:, 4:], 1.0)  # the empty cell
+    np.testing.assert_array_equal(mosaic[2], 1.0)        # the gap between rows
+    np.testing.assert_array_equal(mosaic[:, 3], 1.0)     # and between columns
+    assert viz.image_mosaic(images, ncols=5, gap=0).shape == (2, 9)  # one row of three
+    with pytest.raises(ValueError, match=r"got shape \(3, 6\)"):
+        viz.image_mosaic(images.reshape(3, 6), ncols=2)
+    with pytest.raises(ValueError, match="ncols=0"):
+        viz.image_mosaic(images, ncols=0)
+    from matplotlib.image import imread
+
+    png = imread(viz.save_image_grid(tmp_path / "grid.png", blobs(6)[0], 3, "title"))
+    assert png.shape[0] > 100 and png.shape[1] > 150  # 2 x 3 cells of 0.8 in at 80 dpi

@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 
-import jax
 import pytest
 
 from experiments import gpt_shakespeare as exp
@@ -25,9 +24,8 @@ TINY = ["--max-iters", "20", "--eval-interval", "10", "--eval-iters", "2", "--ba
 # (n_embd 32: fsdp shards the arrays of >= 1024 elements; a constant rate after the
 # one warm-up step, so that a run to 20 steps continued to 30 is one run to 30)
 # Each process splits its CPU with --host-devices (not the session's 8 devices), compiles
-# at the session's optimisation level and shares the session's compilation cache.
-ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "TQDM_DISABLE": "1",
-       "GENJAX_COMPILE_CACHE": jax.config.jax_compilation_cache_dir}
+# at the session's optimisation level and shares the session's compilation cache (conftest).
+ENV = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0", "TQDM_DISABLE": "1"}
 
 
 def _records(run):
@@ -201,6 +199,8 @@ def test_the_launchers_help_says_each_default_once(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "(default: a free one)" in help_text and "(default: 2)" in help_text
     assert "(default: None)" not in help_text and "(default: )" not in help_text, help_text
+    # tyro's usage line lists the positional COMMAND first; the text says the order that works
+    assert "the command after --: python -m genjax.launch --processes 2 -- python" in help_text
 
 
 def test_joining_fails_in_one_line():

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from statistics import NormalDist
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.stats import norm
 
 from genjax import viz
 from genjax.data.mnist import ImageData, image_batch_fns
@@ -126,7 +126,7 @@ def final_figures(config: VAEConfig, result: FitResult, data: ImageData) -> None
     viz.save_image_grid(run_dir / "interpolation.png", np.asarray(decode(params, z)), 10,
                         "linear interpolation in z between two held-out digits")
     if config.latent_dim == 2:
-        q = norm.ppf(np.linspace(0.05, 0.95, 15))                         # Gaussian quantiles
+        q = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, 15)])  # quantiles
         grid = np.array([[a, b] for b in q[::-1] for a in q], np.float32)
         viz.save_image_grid(run_dir / "manifold.png", np.asarray(decode(params, grid)), 15,
                             "decoded latent grid (latent_dim 2)")
