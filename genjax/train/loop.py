@@ -624,9 +624,8 @@ def fit(task: Task, cfg: TrainConfig, run_dir, *, resume: bool = False,
     ``batch_loss`` or ``batch_{name}_loss``) to ``metrics.jsonl`` and saves a checkpoint
     (the train state with its model state, and the run's keys; except at step 0).
     ``config_record`` (the experiment's whole config) is written to ``config.json``, or
-    beside it as ``config.resume-<step>.json`` on a resumption that changed it (removed
-    again if that resumption is interrupted before its first checkpoint), with the time of
-    this start as ``started`` (see :func:`~genjax.train.config.config_records`).
+    beside it as ``config.resume-<step>.json`` on a resumption that changed it, with the
+    time of this start as ``started`` (see :func:`~genjax.train.config.config_records`).
     With ``plot``, each evaluation also redraws ``loss.png``
     (:func:`genjax.viz.save_loss_curves`; the experiments turn it on). ``progress``: a bar
     on a terminal, plain lines otherwise (:class:`_Progress`).
@@ -698,14 +697,12 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
     # what the directory held before this run: a new run stopped before its first
     # checkpoint removes only what it wrote (_remove_unfinished_run)
     held_before = set(os.listdir(run_dir)) if run_dir.is_dir() else None
-    resume_record = None  # the record of this resumption's changed config, if written
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         if (config_record is not None and step0 < cfg.max_iters  # a no-op resume: none
                 and (step0 == 0 or _config_changed(run_dir, config_record))):
             name = "config.json" if step0 == 0 else f"config.resume-{step0}.json"
             _write_json(run_dir / name, {**config_record, "started": started_now()})
-            resume_record = run_dir / name if step0 else None
     if not resume:
         ckpt = Checkpointer(run_dir, cfg.max_to_keep, log=log)
 
@@ -868,10 +865,6 @@ def _fit(task, cfg, run_dir, *, resume, config_record, log, progress, plot, tens
         signum = stopping or sigint["requested"] or signal.SIGINT
         what = (f"stopped ({reason})" if reason else "interrupted" if signum == signal.SIGINT
                 else f"interrupted ({signal.Signals(signum).name})")
-        if resume_record is not None and not [s for s in steps if s > step0]:
-            # a resumption stopped before its first checkpoint changed nothing: the next
-            # --resume takes the settings of the run's start before it, not these
-            resume_record.unlink(missing_ok=True)
         if steps:
             where = (f"the latest checkpoint is step {steps[-1]}: continue with --resume "
                      f"--run-dir {run_dir}")
