@@ -34,8 +34,8 @@ GRACE_S = 20.0  # after SIGINT, how long the processes get to save and stop
 class Args:
     """Run COMMAND as N JAX processes joined by jax.distributed (gloo on a CPU).
 
-    The options come first, the command after --: python -m genjax.launch --processes 2
-    -- python -m experiments.gpt_shakespeare --preset cpu"""
+    The options come first, then -- and the command:
+    python -m genjax.launch --processes 2 -- COMMAND"""
 
     command: Annotated[tuple[str, ...], tyro.conf.Positional,
                        tyro.conf.arg(metavar="COMMAND", help_behavior_hint="")]

@@ -200,7 +200,7 @@ def test_the_launchers_help_says_each_default_once(capsys):
     assert "(default: a free one)" in help_text and "(default: 2)" in help_text
     assert "(default: None)" not in help_text and "(default: )" not in help_text, help_text
     # tyro's usage line lists the positional COMMAND first; the text says the order that works
-    assert "the command after --: python -m genjax.launch --processes 2 -- python" in help_text
+    assert "then -- and the command: python -m genjax.launch --processes 2 -- COMMAND" in help_text
 
 
 def test_joining_fails_in_one_line():
