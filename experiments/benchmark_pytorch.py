@@ -30,8 +30,9 @@ step is timed to completion (JAX's asynchronous dispatch is waited on; at most t
 steps are in flight, as in fit). Reported: the median step time and its spread (min to max
 over the rounds), throughput, compile time, peak device memory where the platform reports it
 (GPUs), model FLOPs utilisation, and each variant's time over genjax's; as a Markdown table,
-and with ``--json`` as a JSON file, with the device, library versions, thread counts and
-every round's time. Under the table, genjax's time over the fastest PyTorch variant's, as
+and with ``--json`` as a JSON file, with the device (on a CPU its model, cores and vector
+extension, and the ones PyTorch's kernels use), library versions, thread counts and every
+round's time. Under the table, genjax's time over the fastest PyTorch variant's, as
 the ratio of the medians and as the median of each round's ratio (the two measured minutes
 apart at most, so the machine's drift between rounds cancels out), with its quartiles. On
 a GPU both sides run float32 without TF32.
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -482,6 +484,28 @@ def cpu_matmul_flops(size: int = 1024, tries: int = 20) -> float:
     return 2 * size ** 3 / best
 
 
+def cpu_description() -> str:
+    """The host CPU in a few words, for the records of a CPU run (its speed depends on it):
+    its model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`), its
+    logical cores and its widest x86 vector extension, e.g. ``AMD EPYC, 2 cores, AVX-512``."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine()
+    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                          ("avx", "AVX"), ("sse4_2", "SSE4.2")) if flag in flags),
+               None)
+    return f"{name}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
+
+
 def batch_checksum(w: Workload, n: int) -> int:
     """A number that depends on every index of the first ``n`` batches and their order:
     every worker reports it, so the parent can check that they trained on the same ones."""
@@ -542,7 +566,8 @@ def worker(args: Args) -> None:
         peak, peak_source = peak_flops(device.device_kind, device.platform,
                                        1 if device.platform != "cpu" else jax.device_count())
         extra = {"flops": flops, "peak": peak, "peak_source": peak_source,
-                 "device": f"{device.platform} ({device.device_kind})",
+                 "device": (f"cpu ({cpu_description()})" if device.platform == "cpu"
+                            else f"{device.platform} ({device.device_kind})"),
                  "xla_devices": jax.device_count()}
     else:  # with the genjax worker's batches and weights, this process never starts JAX
         batches, weights = load_shared(args.shared) if args.shared else (None, None)
@@ -550,7 +575,8 @@ def worker(args: Args) -> None:
         runner = torch_runner(w, args.worker, args.torch_threads, weights)
         import torch
 
-        extra = {"torch_threads": torch.get_num_threads()}
+        extra = {"torch_threads": torch.get_num_threads(),
+                 "torch_cpu_kernels": torch.backends.cpu.get_cpu_capability()}
     counter = {"i": 0}
 
     def run(n: int) -> float:
@@ -697,6 +723,9 @@ def measure(args: Args) -> dict:
             pass
     threads = {"xla_devices": g.get("xla_devices")}
     threads.update({"torch": r["torch_threads"] for r in ready.values() if "torch_threads" in r})
+    # the vector instructions PyTorch's CPU kernels were dispatched to (None without torch)
+    torch_kernels = next((r["torch_cpu_kernels"] for r in ready.values()
+                          if "torch_cpu_kernels" in r), None)
     malloc = {("genjax" if v == "genjax" else "torch"): r.get("malloc_tuned", False)
               for v, r in ready.items()}
     return {"model": args.model, "preset": preset, "dtype": args.dtype,
@@ -704,7 +733,7 @@ def measure(args: Args) -> dict:
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "device": g.get("device", ready[variants[0]]["platform"]),
             "machine": platform.machine(), "versions": versions, "threads": threads,
-            "malloc_tuned": malloc,
+            "malloc_tuned": malloc, "torch_cpu_kernels": torch_kernels,
             "model_gflop_per_step": flops / 1e9 if flops else None,
             "peak_gflops": peak / 1e9 if peak else None,
             "peak_source": g.get("peak_source"), "rows": rows}
@@ -752,6 +781,8 @@ def markdown(result: dict) -> str:
              f"{result['device']}; {result['steps']} steps x {result['repeats']} rounds; "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
              + f"; threads {result['threads']}"
+             + (f"; PyTorch's CPU kernels {result['torch_cpu_kernels']}"
+                if result.get("torch_cpu_kernels") and result["device"].startswith("cpu") else "")
              + ("; malloc tuned (genjax.train.host): " + ", ".join(
                  f"{k} {'yes' if v else 'no'}" for k, v in result["malloc_tuned"].items())
                 if result.get("malloc_tuned") else "")

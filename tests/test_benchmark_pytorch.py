@@ -2,6 +2,7 @@
 optional torch extra; the genjax row and the peak table do not)."""
 
 import json
+import os
 
 import pytest
 
@@ -35,6 +36,8 @@ def test_genjax_row_times_the_fit_step(tmp_path):
     assert "fastest PyTorch" not in bench.markdown(result)  # (no PyTorch row)
     assert 0 < row["mfu"] < 1 and result["model_gflop_per_step"] > 0.1
     assert "pmap over 8 cpu device(s)" in bench.markdown(result)
+    assert result["device"] == f"cpu ({bench.cpu_description()})"
+    assert f"{os.cpu_count()} cores" in result["device"] and result["torch_cpu_kernels"] is None
     with pytest.raises(ValueError, match="--variants \\['jax'\\]: choose among"):
         bench.Args(variants=("jax",))
 
@@ -54,6 +57,11 @@ def test_pytorch_rows_share_the_batches():
             f"round {ratio:.2f}x, quartiles {ratio:.2f}-{ratio:.2f}x over 1 rounds"
             ) in bench.markdown(result)
     assert result["versions"]["torch"].startswith("2.13")
+    import torch
+
+    kernels = torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
+    assert result["torch_cpu_kernels"] == kernels
+    assert f"PyTorch's CPU kernels {kernels}" in bench.markdown(result)
     # genjax's process tunes its malloc (genjax.train.host); PyTorch's keeps glibc's defaults
     assert result["malloc_tuned"] == {"genjax": tune_host_allocator(), "torch": False}
 
