@@ -484,13 +484,20 @@ def cpu_matmul_flops(size: int = 1024, tries: int = 20) -> float:
     return 2 * size ** 3 / best
 
 
-def cpu_description() -> str:
+# Vector extensions by /proc/cpuinfo flag, widest first (x86 "flags", Arm "Features").
+_VECTOR_EXTENSIONS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
+                      ("sse4_2", "SSE4.2"), ("sve2", "SVE2"), ("sve", "SVE"), ("asimd", "NEON"))
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The host CPU in a few words, for the records of a CPU run (its speed depends on it):
-    its model name (``/proc/cpuinfo`` on Linux, else :func:`platform.processor`), its
-    logical cores and its widest x86 vector extension, e.g. ``AMD EPYC, 2 cores, AVX-512``."""
+    its model name (from ``cpuinfo``, Linux's ``/proc/cpuinfo``; without one,
+    :func:`platform.processor` or else :func:`platform.machine`), the cores this process may
+    run on, and its widest vector extension (x86 or Arm), e.g. ``AMD EPYC, 2 cores, AVX-512``.
+    A file that is missing or unreadable leaves out what it would have given."""
     name, flags = "", set()
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "model name" and not name:
@@ -500,10 +507,12 @@ def cpu_description() -> str:
     except OSError:
         pass
     name = name or platform.processor() or platform.machine()
-    isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
-                                          ("avx", "AVX"), ("sse4_2", "SSE4.2")) if flag in flags),
-               None)
-    return f"{name}, {os.cpu_count()} cores" + (f", {isa}" if isa else "")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on macOS or Windows)
+        cores = os.cpu_count()
+    isa = next((label for flag, label in _VECTOR_EXTENSIONS if flag in flags), None)
+    return f"{name}, {cores or '?'} cores" + (f", {isa}" if isa else "")
 
 
 def batch_checksum(w: Workload, n: int) -> int:
@@ -731,7 +740,9 @@ def measure(args: Args) -> dict:
     return {"model": args.model, "preset": preset, "dtype": args.dtype,
             "batch_size": train.batch_size,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-            "device": g.get("device", ready[variants[0]]["platform"]),
+            "device": g.get("device") or (f"cpu ({cpu_description()})"  # (PyTorch alone)
+                                          if ready[variants[0]]["platform"] == "cpu"
+                                          else ready[variants[0]]["platform"]),
             "machine": platform.machine(), "versions": versions, "threads": threads,
             "malloc_tuned": malloc, "torch_cpu_kernels": torch_kernels,
             "model_gflop_per_step": flops / 1e9 if flops else None,

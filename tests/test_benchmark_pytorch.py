@@ -23,6 +23,25 @@ def test_peak_flops_follow_the_device_kind():
     assert rate > 1e9 and source.startswith("measured")
 
 
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 avx512f\n"
+     "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n", "AMD EPYC, {n} cores, AVX-512"),
+    ("model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse4_2 avx avx2\n", "Intel(R) Xeon(R), {n} cores, AVX2"),
+    ("processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n", "{machine}, {n} cores, SVE"),
+    ("processor\t: 0\n", "{machine}, {n} cores"),
+    (None, "{machine}, {n} cores"),  # no such file
+])
+def test_cpu_description_reads_model_cores_and_vector_extension(tmp_path, monkeypatch, cpuinfo,
+                                                                expected):
+    monkeypatch.setattr(bench.platform, "processor", lambda: "")  # (Linux gives "" too)
+    monkeypatch.setattr(bench.platform, "machine", lambda: "aarch64")
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert bench.cpu_description(str(path)) == expected.format(n=n, machine="aarch64")
+
+
 def test_genjax_row_times_the_fit_step(tmp_path):
     out = tmp_path / "r.json"
     result = bench.main(["--model", "vae", "--steps", "1", "--warmup", "1", "--repeats", "2",
@@ -37,7 +56,8 @@ def test_genjax_row_times_the_fit_step(tmp_path):
     assert 0 < row["mfu"] < 1 and result["model_gflop_per_step"] > 0.1
     assert "pmap over 8 cpu device(s)" in bench.markdown(result)
     assert result["device"] == f"cpu ({bench.cpu_description()})"
-    assert f"{os.cpu_count()} cores" in result["device"] and result["torch_cpu_kernels"] is None
+    assert result["torch_cpu_kernels"] is None
+    assert "PyTorch's CPU kernels" not in bench.markdown(result)
     with pytest.raises(ValueError, match="--variants \\['jax'\\]: choose among"):
         bench.Args(variants=("jax",))
 
@@ -78,3 +98,12 @@ def test_mixed_precision_rows(monkeypatch):
     tuned = tune_host_allocator()  # where glibc is, both processes take genjax's settings
     assert result["malloc_tuned"] == {"genjax": tuned, "torch": tuned}
     assert all(r["step_ms"] > 0 for r in result["rows"])
+
+
+def test_pytorch_alone_names_the_cpu_too():
+    pytest.importorskip("torch")
+    result = bench.main(["--model", "vae", "--steps", "1", "--warmup", "1", "--repeats", "1",
+                         "--variants", "torch-fast"])
+    assert [r["variant"] for r in result["rows"]] == ["torch-fast"]
+    assert result["device"] == f"cpu ({bench.cpu_description()})"
+    assert result["rows"][0]["vs_genjax"] is None and result["model_gflop_per_step"] is None
