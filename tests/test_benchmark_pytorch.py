@@ -25,8 +25,10 @@ def test_peak_flops_follow_the_device_kind():
 
 @pytest.mark.parametrize("cpuinfo, expected", [
     ("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 avx512f\n"
-     "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n", "AMD EPYC, {n} cores, AVX-512"),
-    ("model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse4_2 avx avx2\n", "Intel(R) Xeon(R), {n} cores, AVX2"),
+     "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu\n",
+     "AMD EPYC, {n} cores, AVX-512"),  # the first processor's lines
+    ("model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse4_2 avx avx2\n",
+     "Intel(R) Xeon(R), {n} cores, AVX2"),
     ("processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n", "{machine}, {n} cores, SVE"),
     ("processor\t: 0\n", "{machine}, {n} cores"),
     (None, "{machine}, {n} cores"),  # no such file
