@@ -29,7 +29,8 @@ def test_peak_flops_follow_the_device_kind():
      "AMD EPYC, {n} cores, AVX-512"),  # the first processor's lines
     ("model name\t: Intel(R) Xeon(R)\nflags\t\t: fpu sse4_2 avx avx2\n",
      "Intel(R) Xeon(R), {n} cores, AVX2"),
-    ("processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n", "{machine}, {n} cores, SVE"),
+    ("processor\t: 0\nFeatures\t: fp asimd sve\nCPU implementer\t: 0x41\n",
+     "{machine}, {n} cores, SVE"),  # Arm: no model name, "Features"
     ("processor\t: 0\n", "{machine}, {n} cores"),
     (None, "{machine}, {n} cores"),  # no such file
 ])
