@@ -54,7 +54,7 @@ def torch_step(model, train, loss):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 @pytest.mark.parametrize("twin", [tgpt.LectureGPT, tgpt.FastGPT])
@@ -66,11 +66,11 @@ def test_gpt_twins(twin):
     idx = jax.random.randint(jax.random.PRNGKey(1), (3, 16), 0, 65)
     targets = jnp.roll(idx, -1, axis=1)
     t = tgpt.load_genjax(twin(cfg), params)
-    logits, loss = t(torch.from_numpy(np.asarray(idx)).long(),
-                     torch.from_numpy(np.asarray(targets)).long())
+    logits, loss = t(torch.from_numpy(np.array(idx)).long(),  # (copies: JAX's are read-only)
+                     torch.from_numpy(np.array(targets)).long())
     close(model.apply({"params": params}, idx), logits, 1e-5)
     assert float(cross_entropy_loss(model.apply({"params": params}, idx), targets)) == \
-        pytest.approx(float(loss), abs=1e-5)
+        pytest.approx(loss.item(), abs=1e-5)
     # One AdamW step from the same state.
     tx, _ = genjax_optimizer(ADAMW)
     state, metrics = jax.jit(make_train_step(make_loss_fn(model), tx))(
@@ -104,7 +104,7 @@ def test_vae_twin():
     t = timg.load_autoencoder(timg.VAE(cfg), params)
     loss_fn = vm.make_loss_fn(model)
     assert float(loss_fn(params, (x, None), key, True)[0]) == pytest.approx(
-        float(t.loss(nchw(x), eps)), rel=1e-6)
+        t.loss(nchw(x), eps).item(), rel=1e-6)
     tx, _ = genjax_optimizer(ADAMW)
     state, metrics = jax.jit(make_train_step(loss_fn, tx))(create_train_state(params, tx),
                                                            (x, None), key)
